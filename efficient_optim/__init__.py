@@ -1,0 +1,23 @@
+"""efficient_optim: memory-efficient PyTorch optimizers and the tools that measure what they save and cost.
+
+An optimizer here is an update rule x a storage codec for each of its states, chosen per parameter by a
+policy (see DESIGN.md). Public entry points:
+
+- ``QAdamW``: AdamW with block-wise quantized (8/4-bit) or dense (32/16-bit) moments.
+- ``create_optimizer(name, params_or_model, **kw)`` / ``list_optimizers()``: the registry.
+- ``state_bytes(optimizer)``, ``state_breakdown(...)``, ``bytes_per_param(...)``: exact state memory.
+"""
+
+from .profiling import bytes_per_param, state_breakdown, state_bytes
+from .registry import create_optimizer, list_optimizers, register_optimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "bytes_per_param",
+    "create_optimizer",
+    "list_optimizers",
+    "register_optimizer",
+    "state_breakdown",
+    "state_bytes",
+]

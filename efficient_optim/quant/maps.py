@@ -1,0 +1,237 @@
+"""Quantization maps: the sorted codebook of levels a block-normalized value is rounded to.
+
+Every map is a sorted float32 codebook of at most ``2**bits`` distinct levels in ``[-1, 1]`` (signed) or
+``[0, 1]`` (unsigned). Encoding finds the level at or below the value (``floor index``) and then rounds to
+it or the next level up, to the nearest or stochastically. Because every map is a codebook, the same
+encoder serves linear, dynamic-exponent, companded and learned maps alike.
+
+For the fused kernels each map also carries a *bucket table*: the float bit pattern of a normalized value
+(sign, exponent, top ``lut_mantissa_bits`` of the mantissa) indexes a table holding the floor index at the
+bucket's lower edge; the table is built so every bucket holds at most one level, so a single comparison
+with the next level corrects it. This is exact (it reproduces ``searchsorted``), costs two small table
+reads per element and needs no division, logarithm or rounding call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+MAP_NAMES = ("dynamic", "linear", "linear_nozero", "softsign", "learned")
+
+# Exponent window of the bucket table: |u| < 2**-LUT_EXP_RANGE all fall into the bottom bucket.
+LUT_EXP_RANGE = 32
+_MAX_LUT_MANTISSA_BITS = 12
+
+
+@dataclass(frozen=True, eq=False)
+class QuantMap:
+    """A sorted codebook and its bucket table.
+
+    Args:
+        name: the map's name (one of ``MAP_NAMES``).
+        bits: code width, 4 or 8.
+        signed: whether the levels cover ``[-1, 1]`` (True) or ``[0, 1]`` (False).
+        levels: sorted, distinct float32 levels; at most ``2**bits`` of them.
+    """
+
+    name: str
+    bits: int
+    signed: bool
+    levels: torch.Tensor
+    lut: torch.Tensor = field(init=False)
+    lut_mantissa_bits: int = field(init=False)
+
+    def __post_init__(self):
+        levels = self.levels.to(torch.float32).contiguous()
+        if levels.ndim != 1 or levels.numel() < 2 or levels.numel() > 2**self.bits:
+            raise ValueError(f"map {self.name!r}: needs 2..{2**self.bits} levels, got {levels.numel()}")
+        if not bool(torch.all(levels[1:] > levels[:-1])):
+            raise ValueError(f"map {self.name!r}: levels must be sorted and distinct")
+        if not bool(torch.isfinite(levels).all()) or levels.abs().max() > 1:
+            raise ValueError(f"map {self.name!r}: levels must be finite and within [-1, 1]")
+        object.__setattr__(self, "levels", levels)
+        lut, mbits = _build_bucket_table(levels)
+        object.__setattr__(self, "lut", lut)
+        object.__setattr__(self, "lut_mantissa_bits", mbits)
+
+    @property
+    def num_levels(self) -> int:
+        return self.levels.numel()
+
+    @property
+    def has_zero(self) -> bool:
+        return bool((self.levels == 0).any())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the shared tables (levels + bucket table); counted once per optimizer."""
+        return self.levels.numel() * self.levels.element_size() + self.lut.numel() * self.lut.element_size()
+
+    def __repr__(self) -> str:
+        kind = "signed" if self.signed else "unsigned"
+        return f"QuantMap({self.name!r}, bits={self.bits}, {kind}, levels={self.num_levels})"
+
+
+def _bucket_keys(u: torch.Tensor, mantissa_bits: int) -> torch.Tensor:
+    """Bucket index of each float32 value (sign | clamped exponent | top mantissa bits)."""
+    bits = u.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    sign = bits >> 31
+    exp = (bits >> 23) & 0xFF
+    mant = (bits & 0x7FFFFF) >> (23 - mantissa_bits)
+    e_lo = 127 - LUT_EXP_RANGE
+    tiny = exp < e_lo
+    e_idx = torch.where(tiny, torch.zeros_like(exp), exp.clamp(max=127) - e_lo)
+    mant = torch.where(tiny, torch.zeros_like(mant), mant)
+    per_sign = (LUT_EXP_RANGE + 1) << mantissa_bits
+    return sign * per_sign + (e_idx << mantissa_bits) + mant
+
+
+def _build_bucket_table(levels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Find the smallest mantissa width whose buckets each hold at most one level; build its table."""
+    for mbits in range(4, _MAX_LUT_MANTISSA_BITS + 1):
+        per_sign = (LUT_EXP_RANGE + 1) << mbits
+        # Lower edge (in |u|) of every bucket of one sign, and the upper edge.
+        e_idx = torch.arange(LUT_EXP_RANGE + 1, dtype=torch.float64).repeat_interleave(1 << mbits)
+        mant = torch.arange(1 << mbits, dtype=torch.float64).repeat(LUT_EXP_RANGE + 1)
+        scale = torch.pow(2.0, e_idx - LUT_EXP_RANGE)
+        lo = scale * (1 + mant / (1 << mbits))
+        hi = scale * (1 + (mant + 1) / (1 << mbits))
+        lo[0] = 0.0  # the bottom bucket also holds every tiny value and zero
+        lv = levels.to(torch.float64)
+        # Positive buckets cover [lo, hi); negative buckets cover (-hi, -lo].
+        pos_start, pos_end = lo, hi
+        neg_start, neg_end = -hi, -lo
+        ok = True
+        tables = []
+        for start, end in ((pos_start, pos_end), (neg_start, neg_end)):
+            floor_at_start = torch.searchsorted(lv, start, right=True) - 1
+            # levels strictly inside (start, end]: must be at most one so one comparison corrects
+            inside = torch.searchsorted(lv, end, right=True) - torch.searchsorted(lv, start, right=True)
+            if bool((inside > 1).any()):
+                ok = False
+                break
+            tables.append(floor_at_start.clamp(min=0))
+        if ok:
+            lut = torch.cat(tables).to(torch.uint8)
+            assert lut.numel() == 2 * per_sign
+            return lut.contiguous(), mbits
+    raise ValueError("levels are too close together for the bucket table; space them further apart")
+
+
+def floor_index(levels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Largest index i with ``levels[i] <= u`` (values are assumed clamped to the levels' range)."""
+    return (torch.searchsorted(levels, u.contiguous(), right=True) - 1).clamp_(min=0)
+
+
+def floor_index_by_table(qmap: QuantMap, u: torch.Tensor) -> torch.Tensor:
+    """The same as ``floor_index`` through the bucket table: the algorithm the fused kernels use."""
+    keys = _bucket_keys(u, qmap.lut_mantissa_bits)
+    idx = qmap.lut.to(torch.int64)[keys]
+    nxt = (idx + 1).clamp(max=qmap.num_levels - 1)
+    return torch.where((nxt > idx) & (qmap.levels[nxt] <= u), nxt, idx)
+
+
+# --------------------------------------------------------------------------------------------- builders
+
+
+def _dynamic_levels(bits: int, signed: bool) -> list[float]:
+    """Dynamic-exponent levels: decades 10**-k, each with linearly spaced fractions in [0.1, 1].
+
+    The largest decade gets the most fraction levels (2**(i+f) for decade i), the scheme bitsandbytes
+    uses for its 8-bit optimizers: relative precision stays roughly even from 1e-(bits-2) to 1.
+    """
+    exponent_levels = bits - 1
+    fraction_bits = bits - 1 - exponent_levels if signed else bits - exponent_levels
+    out = {0.0, 1.0}
+    for i in range(exponent_levels):
+        n = 2 ** (i + fraction_bits)
+        decade = 10.0 ** (i - (exponent_levels - 1))
+        edges = [0.1 + 0.9 * k / n for k in range(n + 1)]
+        for k in range(n):
+            val = decade * (edges[k] + edges[k + 1]) / 2
+            out.add(val)
+            if signed:
+                out.add(-val)
+    if signed:
+        out.add(-1.0)
+    vals = sorted(out)
+    # Signed maps overshoot by one (both endpoints and zero): drop the smallest-magnitude negative level,
+    # so the block maximum of either sign stays exact.
+    while len(vals) > 2**bits:
+        vals.remove(max(v for v in vals if v < 0))
+    return vals
+
+
+def _linear_levels(bits: int, signed: bool) -> list[float]:
+    if signed:  # symmetric, with an exact zero: 2**bits - 1 levels
+        half = 2 ** (bits - 1) - 1
+        return [k / half for k in range(-half, half + 1)]
+    n = 2**bits - 1
+    return [k / n for k in range(n + 1)]
+
+
+def _linear_nozero_levels(bits: int, signed: bool) -> list[float]:
+    """Linear levels with no zero level: the smallest magnitude is 1/2**bits (unsigned)."""
+    if signed:
+        half = 2 ** (bits - 1)
+        pos = [(k + 0.5) / (half - 0.5) for k in range(half)]
+        pos = [p / pos[-1] for p in pos]
+        return [-p for p in reversed(pos)] + pos
+    n = 2**bits
+    return [(k + 1) / n for k in range(n)]
+
+
+def _softsign_levels(bits: int, signed: bool) -> list[float]:
+    """Companded levels: linear in y = 2u / (1 + |u|), so small magnitudes get finer steps.
+
+    Decoding a linear level y gives u = y / (2 - |y|) (the inverse of the compander).
+    """
+    lin = _linear_levels(bits, signed)
+    return [y / (2.0 - abs(y)) for y in lin]
+
+
+_BUILDERS = {
+    "dynamic": _dynamic_levels,
+    "linear": _linear_levels,
+    "linear_nozero": _linear_nozero_levels,
+    "softsign": _softsign_levels,
+}
+
+
+@lru_cache(maxsize=None)
+def get_map(name: str, bits: int, signed: bool) -> QuantMap:
+    """The shared built-in map ``name`` at ``bits`` bits (one object per configuration, cached).
+
+    Args:
+        name: ``dynamic``, ``linear``, ``linear_nozero`` or ``softsign``. ``learned`` maps are fitted
+            to data with ``learned_map`` instead.
+        bits: 4 or 8.
+        signed: True for states that change sign (momentum), False for non-negative ones (variance).
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8 for a quantization map, got {bits}")
+    if name not in _BUILDERS:
+        if name == "learned":
+            raise ValueError("a 'learned' map is fitted to data: build it with learned_map(values, bits, signed)")
+        raise ValueError(f"unknown quantization map {name!r}; choose one of {sorted(_BUILDERS)}")
+    levels = torch.tensor(_BUILDERS[name](bits, signed), dtype=torch.float64).to(torch.float32)
+    return QuantMap(name, bits, signed, torch.unique(levels))
+
+
+def learned_map(levels, bits: int, signed: bool) -> QuantMap:
+    """A map from a learned codebook (e.g. k-means centroids of observed normalized state values).
+
+    Args:
+        levels: iterable or tensor of at most ``2**bits`` values in ``[-1, 1]``; sorted and deduplicated
+            here. The extreme magnitude should be 1 so block maxima stay representable.
+        bits: 4 or 8.
+        signed: whether the state takes negative values.
+    """
+    t = torch.unique(torch.as_tensor(levels, dtype=torch.float32).flatten())
+    if not math.isclose(float(t.abs().max()), 1.0, rel_tol=0, abs_tol=1e-6):
+        raise ValueError("a learned map must reach magnitude 1 (block maxima map to it)")
+    return QuantMap("learned", bits, signed, t)

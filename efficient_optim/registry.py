@@ -1,0 +1,135 @@
+"""Optimizers by the names users type: ``create_optimizer("qadamw8", model, lr=1e-3)``.
+
+Names follow Hugging Face ``OptimizerNames`` where one exists. External baselines (bitsandbytes, torchao)
+are adapters: a missing package raises ``ImportError`` saying what to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """One registered name.
+
+    Args:
+        name: the name users type.
+        factory: ``factory(params, **kwargs) -> torch.optim.Optimizer``.
+        description: one line for ``effopt list``.
+        requires: the pip package that must be installed (``None`` for our own and torch's).
+        cuda_only: True when the optimizer cannot run without a CUDA device.
+    """
+
+    name: str
+    factory: Callable[..., torch.optim.Optimizer]
+    description: str
+    requires: str | None = None
+    cuda_only: bool = False
+
+    def available(self) -> bool:
+        """Whether the optional package this entry needs is importable."""
+        if self.requires is None:
+            return True
+        return importlib.util.find_spec(self.requires.split("[")[0].replace("-", "_")) is not None
+
+
+_REGISTRY: dict[str, OptimizerEntry] = {}
+
+
+def register_optimizer(
+    name: str, factory: Callable[..., torch.optim.Optimizer], description: str, *, requires: str | None = None, cuda_only: bool = False
+) -> None:
+    """Add (or replace) a name in the registry."""
+    _REGISTRY[name] = OptimizerEntry(name, factory, description, requires, cuda_only)
+
+
+def list_optimizers(available_only: bool = False) -> list[str]:
+    """Registered names, sorted; ``available_only`` drops those whose package is not installed."""
+    return sorted(n for n, e in _REGISTRY.items() if not available_only or e.available())
+
+
+def optimizer_entry(name: str) -> OptimizerEntry:
+    """The entry for ``name``; ``ValueError`` listing the known names if there is none."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(list_optimizers())}")
+    return _REGISTRY[name]
+
+
+def _as_params(params_or_model) -> Iterable:
+    if isinstance(params_or_model, torch.nn.Module):
+        return [p for p in params_or_model.parameters() if p.requires_grad]
+    return params_or_model
+
+
+def create_optimizer(name: str, params_or_model, **kwargs) -> torch.optim.Optimizer:
+    """Build the optimizer registered as ``name``.
+
+    Args:
+        name: a name from ``list_optimizers()``.
+        params_or_model: an ``nn.Module`` (its trainable parameters are used), an iterable of
+            parameters, or a list of param-group dicts.
+        **kwargs: hyperparameters passed to the optimizer (``lr``, ``weight_decay``, ...).
+    """
+    entry = optimizer_entry(name)
+    if not entry.available():
+        raise ImportError(f"optimizer {name!r} needs the package {entry.requires!r}: pip install {entry.requires}")
+    return entry.factory(_as_params(params_or_model), **kwargs)
+
+
+# ------------------------------------------------------------------------------------ built-in entries
+
+
+def _qadamw(bits: int):
+    def make(params, **kw):
+        from .optim.qadamw import QAdamW
+
+        kw.setdefault("bits", bits)
+        return QAdamW(params, **kw)
+
+    return make
+
+
+def _torch_adamw(params, **kw):
+    kw.setdefault("weight_decay", 1e-2)
+    return torch.optim.AdamW(params, **kw)
+
+
+def _torch_adam(params, **kw):
+    return torch.optim.Adam(params, **kw)
+
+
+def _torch_sgd(params, lr: float = 1e-2, momentum: float = 0.9, **kw):
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, **kw)
+
+
+def _bnb(cls_name: str):
+    def make(params, **kw):
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, cls_name)(params, **kw)
+
+    return make
+
+
+def _torchao(cls_name: str):
+    def make(params, **kw):
+        import torchao.optim as tao
+
+        return getattr(tao, cls_name)(params, **kw)
+
+    return make
+
+
+register_optimizer("adamw", _torch_adamw, "torch.optim.AdamW (fp32 states, 8 B/param)")
+register_optimizer("adam", _torch_adam, "torch.optim.Adam (fp32 states, 8 B/param)")
+register_optimizer("sgd", _torch_sgd, "torch.optim.SGD with momentum 0.9 (4 B/param)")
+register_optimizer("qadamw8", _qadamw(8), "efficient_optim QAdamW, 8-bit block-quantized moments (~2 B/param)")
+register_optimizer("qadamw4", _qadamw(4), "efficient_optim QAdamW, 4-bit block-quantized moments (~1 B/param)")
+register_optimizer("adamw_bnb_8bit", _bnb("AdamW8bit"), "bitsandbytes AdamW8bit", requires="bitsandbytes")
+register_optimizer("adamw_torchao_8bit", _torchao("AdamW8bit"), "torchao AdamW8bit", requires="torchao")
+register_optimizer("adamw_torchao_4bit", _torchao("AdamW4bit"), "torchao AdamW4bit", requires="torchao")
