@@ -8,12 +8,14 @@ policy (see DESIGN.md). Public entry points:
 - ``state_bytes(optimizer)``, ``state_breakdown(...)``, ``bytes_per_param(...)``: exact state memory.
 """
 
+from .optim import QAdamW
 from .profiling import bytes_per_param, state_breakdown, state_bytes
 from .registry import create_optimizer, list_optimizers, register_optimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "QAdamW",
     "bytes_per_param",
     "create_optimizer",
     "list_optimizers",

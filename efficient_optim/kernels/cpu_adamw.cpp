@@ -93,6 +93,7 @@ inline uint32_t encode_one(const MapView& m, float x, float scale, bool stochast
     e = 0;
     mant = 0;
   }
+  if (e > kExpRange) e = kExpRange;  // only a NaN gets here (u is clamped to [-1, 1]); keep the read in bounds
   uint32_t per_sign = static_cast<uint32_t>(kExpRange + 1) << m.mant_bits;
   uint32_t key = sign * per_sign + (static_cast<uint32_t>(e) << m.mant_bits) + mant;
   int32_t lo = m.lut[key];

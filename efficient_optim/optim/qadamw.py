@@ -1,0 +1,206 @@
+"""QAdamW: AdamW whose two moments are stored at 32, 16, 8 or 4 bits."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..kernels.cpu import load_cpu_kernels
+from ..policy.static import STATE_BITS, moment_codec
+from ..quant import MAP_NAMES, QuantMap, SCALE_DTYPES, mix_salt
+from ..quant.blockwise import validate_block_size
+from ..quant.rounding import ROUNDING_MODES
+from ..state import Quantized
+from .adamw_rule import adamw_update_
+from .base import NONFINITE_POLICIES, CodecOptimizer
+from .validation import check_betas, check_choice, check_int, check_nonneg, check_positive
+
+# Default maps per moment and width (see BENCHMARKS.md for the measurements behind them).
+DEFAULT_MAPS = {("m", 8): "dynamic", ("v", 8): "dynamic", ("m", 4): "dynamic", ("v", 4): "linear_nozero"}
+_STATE_IDS = {"exp_avg": 0, "exp_avg_sq": 1}
+
+
+class QAdamW(CodecOptimizer):
+    """AdamW (decoupled weight decay) with block-wise quantized or reduced-precision moments.
+
+    Args:
+        params: parameters or param-group dicts; every argument below can be overridden per group.
+        lr: learning rate (default 1e-3).
+        betas: (beta1, beta2) moment decay rates (default (0.9, 0.999)).
+        eps: added to the denominator (default 1e-8).
+        weight_decay: decoupled weight decay (default 1e-2, as ``torch.optim.AdamW``).
+        bits: storage width of both moments: 32 (fp32, same numbers as ``torch.optim.AdamW``),
+            16 (bf16), 8 or 4 (block-wise quantized). Default 8.
+        m_bits, v_bits: per-moment override of ``bits`` (default None: use ``bits``).
+        m_map, v_map: quantization map of each moment (``dynamic``, ``linear``, ``linear_nozero``,
+            ``softsign`` or a ``QuantMap``); None (default) picks ``dynamic`` for m, and for v ``dynamic``
+            at 8 bits, ``linear_nozero`` at 4 bits (a zero level in a 4-bit v map makes updates blow up).
+        m_block_size, v_block_size: elements per quantization block; None (default) = 256 at 8 bits,
+            128 at 4 bits.
+        rounding: ``"nearest"`` (default) or ``"stochastic"`` (reproducible from ``seed``), for states
+            stored at 16, 8 or 4 bits; ``m_rounding`` / ``v_rounding`` override it per moment.
+        scale_dtype: dtype of the per-block scales, ``"float32"`` (default) or ``"bfloat16"``.
+        min_quantize_numel: parameters with fewer elements (judged on the global, unsharded size) keep
+            fp32 moments (default 4096).
+        seed: seed of stochastic rounding (default 0).
+        nonfinite: what a NaN/Inf gradient does: ``"skip"`` the whole step with a warning (default) or
+            ``"raise"`` ``FloatingPointError``. Either way no state or parameter is changed.
+        fused: use the compiled CPU kernel for quantized moments: None (default) when it is available,
+            False never (PyTorch reference path), True always (error if it cannot be built).
+
+    The fused kernel covers fp32 CPU parameters whose two moments are both quantized with one block size;
+    other combinations use the reference path. Dense fp32 moments use ``torch._fused_adamw_``.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        bits: int = 8,
+        m_bits: int | None = None,
+        v_bits: int | None = None,
+        m_map: str | QuantMap | None = None,
+        v_map: str | QuantMap | None = None,
+        m_block_size: int | None = None,
+        v_block_size: int | None = None,
+        rounding: str = "nearest",
+        m_rounding: str | None = None,
+        v_rounding: str | None = None,
+        scale_dtype: str = "float32",
+        min_quantize_numel: int = 4096,
+        seed: int = 0,
+        nonfinite: str = "skip",
+        fused: bool | None = None,
+    ):
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        if fused not in (None, True, False):
+            raise ValueError(f"invalid fused: {fused!r} (None, True or False)")
+        if fused and load_cpu_kernels() is None:
+            raise RuntimeError("fused=True but the CPU kernel could not be built (see the warning above)")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bits=bits, m_bits=m_bits, v_bits=v_bits,
+            m_map=m_map, v_map=v_map, m_block_size=m_block_size, v_block_size=v_block_size, rounding=rounding,
+            m_rounding=m_rounding, v_rounding=v_rounding, scale_dtype=scale_dtype,
+            min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite, fused=fused,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def validate_group(self, group: dict) -> None:
+        check_positive("lr", group["lr"])
+        check_betas(group["betas"])
+        check_positive("eps", group["eps"])
+        check_nonneg("weight_decay", group["weight_decay"])
+        check_choice("bits", group["bits"], STATE_BITS)
+        for prefix in ("m", "v"):
+            b = group[f"{prefix}_bits"]
+            if b is not None:
+                check_choice(f"{prefix}_bits", b, STATE_BITS)
+            qmap = group[f"{prefix}_map"]
+            if qmap is not None and not isinstance(qmap, QuantMap):
+                check_choice(f"{prefix}_map", qmap, [m for m in MAP_NAMES if m != "learned"])
+            if group[f"{prefix}_rounding"] is not None:
+                check_choice(f"{prefix}_rounding", group[f"{prefix}_rounding"], ROUNDING_MODES)
+            bs, width = group[f"{prefix}_block_size"], b or group["bits"]
+            if bs is not None:
+                try:
+                    validate_block_size(bs, width if width in (4, 8) else 8)
+                except ValueError as exc:
+                    raise ValueError(f"invalid {prefix}_block_size: {exc}") from None
+        check_choice("rounding", group["rounding"], ROUNDING_MODES)
+        check_choice("scale_dtype", group["scale_dtype"], sorted(SCALE_DTYPES))
+        check_int("min_quantize_numel", group["min_quantize_numel"], 0)
+        check_int("seed", group["seed"], 0)
+        for prefix in ("m", "v"):  # building the codecs validates map x bits combinations now, not mid-run
+            bits = group[f"{prefix}_bits"] or group["bits"]
+            if bits in (4, 8):
+                self._moment_codec(group, prefix, None)
+
+    def _moment_codec(self, group: dict, prefix: str, p: torch.Tensor | None):
+        bits = group[f"{prefix}_bits"] or group["bits"]
+        resolved = dict(group)
+        if resolved[f"{prefix}_map"] is None and bits in (4, 8):
+            resolved[f"{prefix}_map"] = DEFAULT_MAPS[(prefix, bits)]
+        if p is None:  # validation only: a size that is always quantized
+            resolved["min_quantize_numel"] = 0
+            p = torch.empty(0)
+        return moment_codec(resolved, prefix, p, signed=(prefix == "m"))
+
+    def codecs(self, param, group):
+        return {"exp_avg": self._moment_codec(group, "m", param), "exp_avg_sq": self._moment_codec(group, "v", param)}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+        """
+        loss, work = self._begin_step(closure)
+        if work is None:
+            return loss
+        for group, items in work:
+            dense = ([], [], [], [], [])
+            for index, p, g in items:
+                codecs = self.codecs(p, group)
+                state = self._init_or_check_state(p, group, codecs, index)
+                state["step"] += 1
+                mc, vc = codecs["exp_avg"], codecs["exp_avg_sq"]
+                if mc.is_dense_fp32 and vc.is_dense_fp32 and p.dtype == torch.float32 and g.dtype == torch.float32:
+                    for lst, t in zip(dense, (p, g, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                        lst.append(t)
+                elif not self._fused_step(group, index, p, g, state, mc, vc):
+                    self._reference_step(group, index, p, g, state, codecs)
+            if dense[0]:
+                beta1, beta2 = group["betas"]
+                torch._fused_adamw_(
+                    *dense[:4], [], dense[4], lr=group["lr"], beta1=beta1, beta2=beta2,
+                    weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False,
+                )  # fmt: skip
+        return loss
+
+    def _salt(self, group: dict, index: int, state_name: str, step: int) -> int:
+        return mix_salt(group["seed"], index, _STATE_IDS[state_name], step)
+
+    def _reference_step(self, group, index, p, g, state, codecs) -> None:
+        step = int(state["step"].item())
+        beta1, beta2 = group["betas"]
+        p32 = p if p.dtype == torch.float32 else p.to(torch.float32)
+        g32 = g if g.dtype == torch.float32 else g.to(torch.float32)
+        m = codecs["exp_avg"].decode(state, "exp_avg", p)
+        v = codecs["exp_avg_sq"].decode(state, "exp_avg_sq", p)
+        adamw_update_(p32, g32, m, v, step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                      weight_decay=group["weight_decay"])  # fmt: skip
+        if p32 is not p:
+            p.copy_(p32)
+        for name, value in (("exp_avg", m), ("exp_avg_sq", v)):
+            codecs[name].encode(state, name, value, salt=self._salt(group, index, name, step))
+
+    def _fused_step(self, group, index, p, g, state, mc, vc) -> bool:
+        """Run the compiled kernel if it applies; False when the reference path must be used."""
+        if group["fused"] is False or not (isinstance(mc, Quantized) and isinstance(vc, Quantized)):
+            return False
+        if mc.block_size != vc.block_size or p.device.type != "cpu" or p.dtype != torch.float32:
+            return False
+        if g.dtype != torch.float32 or not p.is_contiguous() or type(p.data) is not torch.Tensor:
+            return False
+        kernels = load_cpu_kernels()
+        if kernels is None:
+            return False
+        step = int(state["step"].item())
+        beta1, beta2 = group["betas"]
+        mq, vq = mc.qmap, vc.qmap
+        kernels.adamw_quantized_step(
+            p, g.contiguous(),
+            state["exp_avg.codes"], state["exp_avg.scales"], mq.levels, mq.lut, mq.lut_mantissa_bits, mc.bits,
+            mc.rounding == "stochastic", self._salt(group, index, "exp_avg", step),
+            state["exp_avg_sq.codes"], state["exp_avg_sq.scales"], vq.levels, vq.lut, vq.lut_mantissa_bits, vc.bits,
+            vc.rounding == "stochastic", self._salt(group, index, "exp_avg_sq", step),
+            mc.block_size, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+            group["lr"] / (1 - beta1**step), math.sqrt(1 - beta2**step),
+        )  # fmt: skip
+        return True

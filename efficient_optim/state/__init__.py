@@ -1,0 +1,7 @@
+"""Codecs for optimizer states: how each state tensor is stored between steps."""
+
+from .codec import StateCodec
+from .dense import Dense
+from .quantized import DEFAULT_BLOCK_SIZE, Quantized
+
+__all__ = ["DEFAULT_BLOCK_SIZE", "Dense", "Quantized", "StateCodec"]
