@@ -18,7 +18,7 @@ from pathlib import Path
 _SOURCE = Path(__file__).with_name("cpu_adamw.cpp")
 # -ffp-contract=off keeps a*b+c as two roundings, like the PyTorch reference; -fno-math-errno lets sqrt
 # vectorize. No -ffast-math: NaN/Inf and denormal behaviour stay IEEE.
-_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
+_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=256", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
 
 
 def kernels_disabled() -> bool:

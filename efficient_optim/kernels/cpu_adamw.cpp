@@ -10,6 +10,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,7 +21,6 @@
 
 namespace {
 
-constexpr int kExpRange = 32;  // must equal LUT_EXP_RANGE in quant/maps.py
 constexpr uint32_t kGolden = 0x9E3779B9u;
 
 inline uint32_t fmix32(uint32_t h) {
@@ -43,9 +46,11 @@ inline uint32_t float_to_bits(float f) {
 
 struct MapView {
   const float* levels;
-  const uint8_t* lut;
+  const int32_t* lut;  // bucket table (see quant/maps.py): floor index at each bucket's lower edge
   int num_levels;
   int mant_bits;
+  int exp_range;
+  bool is_signed;
   float lo, hi;  // first and last level
 };
 
@@ -80,83 +85,192 @@ inline float store_scale(StateView& s, int64_t b, float absmax) {
   return absmax;
 }
 
-// Code of one value given the block scale; identical to encode_normalized() in the reference.
-inline uint32_t encode_one(const MapView& m, float x, float scale, bool stochastic, uint32_t salt,
-                           uint32_t elem) {
-  float u = scale > 0.0f ? x / scale : 0.0f;
-  u = u < m.lo ? m.lo : (u > m.hi ? m.hi : u);
-  uint32_t bits = float_to_bits(u);
-  uint32_t sign = bits >> 31;
-  int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - (127 - kExpRange);
-  uint32_t mant = (bits & 0x7FFFFFu) >> (23 - m.mant_bits);
-  if (e < 0) {
-    e = 0;
-    mant = 0;
+// Codes of one block given its scale; identical to encode_normalized() in the reference.
+// Branch-free so it vectorizes (gathers from the small level and bucket tables).
+template <bool STOCHASTIC>
+void encode_values(const MapView& m, const float* __restrict x, int32_t* __restrict out, int64_t len,
+                   float scale, uint32_t salt, uint32_t first_elem) {
+  const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+  const float* __restrict lev = m.levels;
+  const int32_t* __restrict lut = m.lut;
+  const int32_t last = m.num_levels - 1;
+  const int32_t mbits = m.mant_bits;
+  const int32_t erange = m.exp_range;
+  const uint32_t sign_mask = m.is_signed ? 1u : 0u;
+  const uint32_t per_sign = static_cast<uint32_t>(erange + 1) << mbits;
+  const float first = m.lo, top = m.hi;
+  for (int64_t i = 0; i < len; ++i) {
+    float u = x[i] * inv;
+    u = u < first ? first : u;
+    u = u > top ? top : u;
+    u = u + 0.0f;  // -0.0 -> +0.0
+    uint32_t bits;
+    std::memcpy(&bits, &u, 4);
+    uint32_t sign = (bits >> 31) & sign_mask;
+    int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - (127 - erange);
+    uint32_t mant = (bits & 0x7FFFFFu) >> (23 - mbits);
+    mant = e < 0 ? 0u : mant;
+    e = e < 0 ? 0 : e;
+    e = e > erange ? erange : e;  // only a NaN gets here (u is clamped to [-1, 1]); keep reads in bounds
+    uint32_t key = sign * per_sign + (static_cast<uint32_t>(e) << mbits) + mant;
+    int32_t lo = lut[key];
+    int32_t nxt = lo + 1 < last ? lo + 1 : last;
+    lo = lev[nxt] <= u ? nxt : lo;
+    int32_t hi = lo + 1 < last ? lo + 1 : last;
+    float below = u - lev[lo];
+    float gap = lev[hi] - lev[lo];
+    bool up;
+    if (STOCHASTIC) {
+      float r = static_cast<float>(fmix32((first_elem + static_cast<uint32_t>(i)) * kGolden + salt) >> 8) *
+                (1.0f / 16777216.0f);
+      up = r * gap < below;
+    } else {
+      up = (gap - below) < below;
+    }
+    out[i] = up ? hi : lo;
   }
-  if (e > kExpRange) e = kExpRange;  // only a NaN gets here (u is clamped to [-1, 1]); keep the read in bounds
-  uint32_t per_sign = static_cast<uint32_t>(kExpRange + 1) << m.mant_bits;
-  uint32_t key = sign * per_sign + (static_cast<uint32_t>(e) << m.mant_bits) + mant;
-  int32_t lo = m.lut[key];
-  int32_t nxt = lo + 1 < m.num_levels ? lo + 1 : lo;
-  lo = (nxt > lo && m.levels[nxt] <= u) ? nxt : lo;
-  int32_t hi = lo + 1 < m.num_levels ? lo + 1 : lo;
-  float below = u - m.levels[lo];
-  float gap = m.levels[hi] - m.levels[lo];
-  bool up;
-  if (stochastic) {
-    float r = static_cast<float>(fmix32(elem * kGolden + salt) >> 8) * (1.0f / 16777216.0f);
-    up = r * gap < below;
-  } else {
-    up = (gap - below) < below;
+}
+
+#if defined(__AVX2__)
+inline __m256i fmix32_avx2(__m256i h) {
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int32_t>(0x85EBCA6Bu)));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int32_t>(0xC2B2AE35u)));
+  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+// encode_values() eight lanes at a time; returns how many elements it handled (a multiple of 8).
+template <bool STOCHASTIC>
+int64_t encode_values_avx2(const MapView& m, const float* __restrict x, int32_t* __restrict out, int64_t len,
+                           float scale, uint32_t salt, uint32_t first_elem) {
+  const __m256 vinv = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+  const __m256 vfirst = _mm256_set1_ps(m.lo), vtop = _mm256_set1_ps(m.hi), vzero = _mm256_setzero_ps();
+  const __m256i vlast = _mm256_set1_epi32(m.num_levels - 1), vone = _mm256_set1_epi32(1);
+  const __m256i vsignmask = _mm256_set1_epi32(m.is_signed ? 1 : 0);
+  const __m256i vper_sign = _mm256_set1_epi32((m.exp_range + 1) << m.mant_bits);
+  const __m256i vebias = _mm256_set1_epi32(127 - m.exp_range), verange = _mm256_set1_epi32(m.exp_range);
+  const __m256i vzi = _mm256_setzero_si256(), v8bits = _mm256_set1_epi32(0xFF), vmant = _mm256_set1_epi32(0x7FFFFF);
+  const __m128i mshift = _mm_cvtsi32_si128(23 - m.mant_bits), eshift = _mm_cvtsi32_si128(m.mant_bits);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i vgolden = _mm256_set1_epi32(static_cast<int32_t>(kGolden)), vsalt = _mm256_set1_epi32(static_cast<int32_t>(salt));
+  const __m256 vr = _mm256_set1_ps(1.0f / 16777216.0f);
+  const int* lut = m.lut;
+  const float* lev = m.levels;
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    __m256 u = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
+    u = _mm256_blendv_ps(u, vfirst, _mm256_cmp_ps(u, vfirst, _CMP_LT_OQ));
+    u = _mm256_blendv_ps(u, vtop, _mm256_cmp_ps(u, vtop, _CMP_GT_OQ));
+    u = _mm256_add_ps(u, vzero);
+    const __m256i b = _mm256_castps_si256(u);
+    const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(b, 31), vsignmask);
+    __m256i e = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 23), v8bits), vebias);
+    __m256i mant = _mm256_srl_epi32(_mm256_and_si256(b, vmant), mshift);
+    mant = _mm256_andnot_si256(_mm256_cmpgt_epi32(vzi, e), mant);
+    e = _mm256_min_epi32(_mm256_max_epi32(e, vzi), verange);
+    const __m256i key = _mm256_add_epi32(_mm256_mullo_epi32(sign, vper_sign),
+                                         _mm256_add_epi32(_mm256_sll_epi32(e, eshift), mant));
+    __m256i lo = _mm256_i32gather_epi32(lut, key, 4);
+    const __m256i nxt = _mm256_min_epi32(_mm256_add_epi32(lo, vone), vlast);
+    const __m256 lev_nxt = _mm256_i32gather_ps(lev, nxt, 4);
+    lo = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(nxt),
+                                              _mm256_cmp_ps(lev_nxt, u, _CMP_LE_OQ)));
+    const __m256i hi = _mm256_min_epi32(_mm256_add_epi32(lo, vone), vlast);
+    const __m256 lev_lo = _mm256_i32gather_ps(lev, lo, 4);
+    const __m256 lev_hi = _mm256_i32gather_ps(lev, hi, 4);
+    const __m256 below = _mm256_sub_ps(u, lev_lo);
+    const __m256 gap = _mm256_sub_ps(lev_hi, lev_lo);
+    __m256 up;
+    if (STOCHASTIC) {
+      const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first_elem + static_cast<uint32_t>(i))), lane);
+      const __m256i h = fmix32_avx2(_mm256_add_epi32(_mm256_mullo_epi32(idx, vgolden), vsalt));
+      const __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), vr);
+      up = _mm256_cmp_ps(_mm256_mul_ps(r, gap), below, _CMP_LT_OQ);
+    } else {
+      up = _mm256_cmp_ps(_mm256_sub_ps(gap, below), below, _CMP_LT_OQ);
+    }
+    const __m256i code = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), up));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), code);
   }
-  return static_cast<uint32_t>(up ? hi : lo);
+  return i;
+}
+#endif
+
+template <int BITS>
+void decode_block(const StateView& s, int64_t start, int64_t len, float scale, float* __restrict out) {
+  const float* __restrict lev = s.map.levels;
+  if (BITS == 8) {
+    const uint8_t* __restrict c = s.codes + start;
+    for (int64_t i = 0; i < len; ++i) out[i] = lev[c[i]] * scale;
+  } else {  // start is even (block_size is even)
+    const uint8_t* __restrict c = s.codes + (start >> 1);
+    const int64_t pairs = len >> 1;
+    for (int64_t j = 0; j < pairs; ++j) {
+      out[2 * j] = lev[c[j] & 0xFu] * scale;
+      out[2 * j + 1] = lev[c[j] >> 4] * scale;
+    }
+    if (len & 1) out[len - 1] = lev[c[pairs] & 0xFu] * scale;
+  }
 }
 
 template <int BITS>
-inline float decode_one(const StateView& s, int64_t i, float scale) {
-  uint32_t code;
-  if (BITS == 8) {
-    code = s.codes[i];
+void encode_block(StateView& s, const float* __restrict buf, int32_t* __restrict tmp, int64_t start, int64_t len,
+                  float scale) {
+  int64_t done = 0;
+  const uint32_t first = static_cast<uint32_t>(start);
+#if defined(__AVX2__)
+  done = s.stochastic ? encode_values_avx2<true>(s.map, buf, tmp, len, scale, s.salt, first)
+                      : encode_values_avx2<false>(s.map, buf, tmp, len, scale, s.salt, first);
+#endif
+  if (s.stochastic) {
+    encode_values<true>(s.map, buf + done, tmp + done, len - done, scale, s.salt, first + static_cast<uint32_t>(done));
   } else {
-    code = (s.codes[i >> 1] >> ((i & 1) * 4)) & 0xFu;
+    encode_values<false>(s.map, buf + done, tmp + done, len - done, scale, s.salt, first + static_cast<uint32_t>(done));
   }
-  return s.map.levels[code] * scale;
-}
-
-template <int BITS>
-inline void encode_block(StateView& s, const float* buf, int64_t start, int64_t len, float scale) {
   if (BITS == 8) {
-    for (int64_t i = 0; i < len; ++i) {
-      s.codes[start + i] = static_cast<uint8_t>(
-          encode_one(s.map, buf[i], scale, s.stochastic, s.salt, static_cast<uint32_t>(start + i)));
-    }
-  } else {  // start is even (block_size is even); a tail of odd length pads its last high nibble with 0
-    for (int64_t i = 0; i < len; i += 2) {
-      uint32_t lo = encode_one(s.map, buf[i], scale, s.stochastic, s.salt, static_cast<uint32_t>(start + i));
-      uint32_t hi = 0;
-      if (i + 1 < len) {
-        hi = encode_one(s.map, buf[i + 1], scale, s.stochastic, s.salt, static_cast<uint32_t>(start + i + 1));
-      }
-      s.codes[(start + i) >> 1] = static_cast<uint8_t>(lo | (hi << 4));
-    }
+    uint8_t* __restrict c = s.codes + start;
+    for (int64_t i = 0; i < len; ++i) c[i] = static_cast<uint8_t>(tmp[i]);
+  } else {  // a tail of odd length pads its last high nibble with 0
+    uint8_t* __restrict c = s.codes + (start >> 1);
+    const int64_t pairs = len >> 1;
+    for (int64_t j = 0; j < pairs; ++j) c[j] = static_cast<uint8_t>(tmp[2 * j] | (tmp[2 * j + 1] << 4));
+    if (len & 1) c[pairs] = tmp[len - 1];
   }
 }
 
-MapView map_view(const torch::Tensor& levels, const torch::Tensor& lut, int64_t mant_bits) {
+// Largest |x| of a block, on the bit patterns (an integer max, which vectorizes without fast-math).
+inline float block_absmax(const float* __restrict x, int64_t len) {
+  uint32_t best = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    uint32_t b;
+    std::memcpy(&b, x + i, 4);
+    b &= 0x7FFFFFFFu;
+    best = b > best ? b : best;
+  }
+  return bits_to_float(best);
+}
+
+MapView map_view(const torch::Tensor& levels, const torch::Tensor& lut, int64_t mant_bits, int64_t exp_range,
+                 bool is_signed) {
   TORCH_CHECK(levels.dtype() == torch::kFloat32 && levels.is_contiguous(), "levels must be contiguous fp32");
-  TORCH_CHECK(lut.dtype() == torch::kUInt8 && lut.is_contiguous(), "bucket table must be contiguous uint8");
+  TORCH_CHECK(lut.dtype() == torch::kInt32 && lut.is_contiguous(), "bucket table must be contiguous int32");
+  TORCH_CHECK(lut.numel() == ((exp_range + 1) << mant_bits) * (is_signed ? 2 : 1), "bucket table size mismatch");
   MapView m;
   m.levels = levels.data_ptr<float>();
-  m.lut = lut.data_ptr<uint8_t>();
+  m.lut = lut.data_ptr<int32_t>();
   m.num_levels = static_cast<int>(levels.numel());
   m.mant_bits = static_cast<int>(mant_bits);
+  m.exp_range = static_cast<int>(exp_range);
+  m.is_signed = is_signed;
   m.lo = m.levels[0];
   m.hi = m.levels[m.num_levels - 1];
   return m;
 }
 
 StateView state_view(torch::Tensor& codes, torch::Tensor& scales, const torch::Tensor& levels,
-                     const torch::Tensor& lut, int64_t mant_bits, bool stochastic, int64_t salt) {
+                     const torch::Tensor& lut, int64_t mant_bits, int64_t exp_range, bool is_signed,
+                     bool stochastic, int64_t salt) {
   TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous(), "codes must be contiguous uint8");
   TORCH_CHECK(scales.is_contiguous(), "scales must be contiguous");
   TORCH_CHECK(scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kBFloat16,
@@ -165,10 +279,27 @@ StateView state_view(torch::Tensor& codes, torch::Tensor& scales, const torch::T
   s.codes = codes.data_ptr<uint8_t>();
   s.scales = scales.data_ptr();
   s.scale_bf16 = scales.dtype() == torch::kBFloat16;
-  s.map = map_view(levels, lut, mant_bits);
+  s.map = map_view(levels, lut, mant_bits, exp_range, is_signed);
   s.stochastic = stochastic;
   s.salt = static_cast<uint32_t>(salt);
   return s;
+}
+
+inline void adamw_update(float* __restrict p, const float* __restrict g, float* __restrict m,
+                         float* __restrict v, int64_t len, float beta1, float beta2, float eps, float decay,
+                         float step_size, float sqrt_bc2) {
+  const float inv_sqrt_bc2 = 1.0f / sqrt_bc2;
+  const float one_minus_b1 = 1.0f - beta1;
+  const float one_minus_b2 = 1.0f - beta2;
+  for (int64_t i = 0; i < len; ++i) {
+    const float gi = g[i];
+    const float mi = m[i] + one_minus_b1 * (gi - m[i]);
+    const float vi = v[i] * beta2 + one_minus_b2 * (gi * gi);
+    const float denom = std::sqrt(vi) * inv_sqrt_bc2 + eps;
+    p[i] = p[i] * decay - step_size * (mi / denom);
+    m[i] = mi;
+    v[i] = vi;
+  }
 }
 
 template <int MB, int VB>
@@ -177,38 +308,20 @@ void adamw_blocks(float* p, const float* g, StateView m, StateView v, int64_t n,
                   float sqrt_bc2) {
   const int64_t nblocks = (n + block - 1) / block;
   const float decay = 1.0f - lr * weight_decay;
-  const float one_minus_b1 = 1.0f - beta1;
-  const float one_minus_b2 = 1.0f - beta2;
   at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
     std::vector<float> mbuf(block), vbuf(block);
-    float* mb = mbuf.data();
-    float* vb = vbuf.data();
+    std::vector<int32_t> tmp(block);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block;
       const int64_t len = std::min(block, n - start);
-      const float ms = load_scale(m, b);
-      const float vs = load_scale(v, b);
-      float* pb = p + start;
-      const float* gb = g + start;
-      float mmax = 0.0f, vmax = 0.0f;
-      for (int64_t i = 0; i < len; ++i) {
-        float mi = decode_one<MB>(m, start + i, ms);
-        float vi = decode_one<VB>(v, start + i, vs);
-        float gi = gb[i];
-        mi = mi + one_minus_b1 * (gi - mi);
-        vi = vi * beta2 + one_minus_b2 * (gi * gi);
-        float denom = std::sqrt(vi) / sqrt_bc2 + eps;
-        pb[i] = pb[i] * decay - step_size * (mi / denom);
-        mb[i] = mi;
-        vb[i] = vi;
-        float am = std::fabs(mi);
-        mmax = am > mmax ? am : mmax;
-        vmax = vi > vmax ? vi : vmax;
-      }
-      const float ms_new = store_scale(m, b, mmax);
-      const float vs_new = store_scale(v, b, vmax);
-      encode_block<MB>(m, mb, start, len, ms_new);
-      encode_block<VB>(v, vb, start, len, vs_new);
+      decode_block<MB>(m, start, len, load_scale(m, b), mbuf.data());
+      decode_block<VB>(v, start, len, load_scale(v, b), vbuf.data());
+      adamw_update(p + start, g + start, mbuf.data(), vbuf.data(), len, beta1, beta2, eps, decay, step_size,
+                   sqrt_bc2);
+      const float ms_new = store_scale(m, b, block_absmax(mbuf.data(), len));
+      const float vs_new = store_scale(v, b, block_absmax(vbuf.data(), len));
+      encode_block<MB>(m, mbuf.data(), tmp.data(), start, len, ms_new);
+      encode_block<VB>(v, vbuf.data(), tmp.data(), start, len, vs_new);
     }
   });
 }
@@ -217,17 +330,17 @@ void adamw_blocks(float* p, const float* g, StateView m, StateView v, int64_t n,
 
 // Fused AdamW step over one parameter whose two moments are block-quantized.
 void adamw_quantized_step(torch::Tensor p, torch::Tensor g, torch::Tensor m_codes, torch::Tensor m_scales,
-                          torch::Tensor m_levels, torch::Tensor m_lut, int64_t m_mant_bits, int64_t m_bits,
-                          bool m_stochastic, int64_t m_salt, torch::Tensor v_codes, torch::Tensor v_scales,
-                          torch::Tensor v_levels, torch::Tensor v_lut, int64_t v_mant_bits, int64_t v_bits,
-                          bool v_stochastic, int64_t v_salt, int64_t block_size, double lr, double beta1,
+                          torch::Tensor m_levels, torch::Tensor m_lut, int64_t m_mant_bits, int64_t m_exp_range,
+                          bool m_signed, int64_t m_bits, bool m_stochastic, int64_t m_salt, torch::Tensor v_codes,
+                          torch::Tensor v_scales, torch::Tensor v_levels, torch::Tensor v_lut, int64_t v_mant_bits,
+                          int64_t v_exp_range, bool v_signed, int64_t v_bits, bool v_stochastic, int64_t v_salt, int64_t block_size, double lr, double beta1,
                           double beta2, double eps, double weight_decay, double step_size, double sqrt_bc2) {
   TORCH_CHECK(p.dtype() == torch::kFloat32 && p.is_contiguous(), "param must be contiguous fp32");
   TORCH_CHECK(g.dtype() == torch::kFloat32 && g.is_contiguous(), "grad must be contiguous fp32");
   TORCH_CHECK(p.numel() == g.numel(), "param and grad sizes differ");
   TORCH_CHECK(block_size >= 2 && block_size % 2 == 0, "block_size must be even");
-  StateView m = state_view(m_codes, m_scales, m_levels, m_lut, m_mant_bits, m_stochastic, m_salt);
-  StateView v = state_view(v_codes, v_scales, v_levels, v_lut, v_mant_bits, v_stochastic, v_salt);
+  StateView m = state_view(m_codes, m_scales, m_levels, m_lut, m_mant_bits, m_exp_range, m_signed, m_stochastic, m_salt);
+  StateView v = state_view(v_codes, v_scales, v_levels, v_lut, v_mant_bits, v_exp_range, v_signed, v_stochastic, v_salt);
   const int64_t n = p.numel();
   float* pp = p.data_ptr<float>();
   const float* gp = g.data_ptr<float>();

@@ -196,10 +196,12 @@ class QAdamW(CodecOptimizer):
         mq, vq = mc.qmap, vc.qmap
         kernels.adamw_quantized_step(
             p, g.contiguous(),
-            state["exp_avg.codes"], state["exp_avg.scales"], mq.levels, mq.lut, mq.lut_mantissa_bits, mc.bits,
-            mc.rounding == "stochastic", self._salt(group, index, "exp_avg", step),
-            state["exp_avg_sq.codes"], state["exp_avg_sq.scales"], vq.levels, vq.lut, vq.lut_mantissa_bits, vc.bits,
-            vc.rounding == "stochastic", self._salt(group, index, "exp_avg_sq", step),
+            state["exp_avg.codes"], state["exp_avg.scales"], mq.levels, mq.lut, mq.lut_mantissa_bits,
+            mq.lut_exp_range, mq.signed, mc.bits, mc.rounding == "stochastic",
+            self._salt(group, index, "exp_avg", step),
+            state["exp_avg_sq.codes"], state["exp_avg_sq.scales"], vq.levels, vq.lut, vq.lut_mantissa_bits,
+            vq.lut_exp_range, vq.signed, vc.bits, vc.rounding == "stochastic",
+            self._salt(group, index, "exp_avg_sq", step),
             mc.block_size, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
             group["lr"] / (1 - beta1**step), math.sqrt(1 - beta2**step),
         )  # fmt: skip

@@ -102,8 +102,10 @@ def quantize_blockwise(
     flat = x.reshape(-1).to(torch.float32)
     n = flat.numel()
     scales = round_scale_up(block_absmax(flat, block_size), scale_dtype)
-    s = _per_element(scales, n, block_size)
-    u = torch.where(s > 0, flat / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(flat))
+    s = scales.to(torch.float32)
+    # multiply by the fp32 reciprocal of the scale (0 for an all-zero block), as the fused kernel does
+    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    u = flat * _per_element(inv, n, block_size)
     codes = encode_normalized(qmap, u, rounding, salt)
     return pack_codes(codes, qmap.bits), scales
 

@@ -22,8 +22,10 @@ import torch
 
 MAP_NAMES = ("dynamic", "linear", "linear_nozero", "softsign", "learned")
 
-# Exponent window of the bucket table: |u| < 2**-LUT_EXP_RANGE all fall into the bottom bucket.
-LUT_EXP_RANGE = 32
+# The bucket table spans |u| in [2**-exp_range, 1] (smaller values share the bottom bucket). Each map
+# gets the smallest exponent window and mantissa width that keep one level per bucket, so the int32
+# table (gathered with AVX2 in the kernel) stays within the L1 cache.
+_MIN_EXP_RANGE, _MAX_EXP_RANGE = 4, 40
 _MAX_LUT_MANTISSA_BITS = 12
 
 
@@ -44,6 +46,7 @@ class QuantMap:
     levels: torch.Tensor
     lut: torch.Tensor = field(init=False)
     lut_mantissa_bits: int = field(init=False)
+    lut_exp_range: int = field(init=False)
 
     def __post_init__(self):
         levels = self.levels.to(torch.float32).contiguous()
@@ -54,9 +57,12 @@ class QuantMap:
         if not bool(torch.isfinite(levels).all()) or levels.abs().max() > 1:
             raise ValueError(f"map {self.name!r}: levels must be finite and within [-1, 1]")
         object.__setattr__(self, "levels", levels)
-        lut, mbits = _build_bucket_table(levels)
+        if not self.signed and levels[0] < 0:
+            raise ValueError(f"map {self.name!r}: an unsigned map cannot have negative levels")
+        lut, mbits, erange = _build_bucket_table(levels, self.signed)
         object.__setattr__(self, "lut", lut)
         object.__setattr__(self, "lut_mantissa_bits", mbits)
+        object.__setattr__(self, "lut_exp_range", erange)
 
     @property
     def num_levels(self) -> int:
@@ -76,50 +82,60 @@ class QuantMap:
         return f"QuantMap({self.name!r}, bits={self.bits}, {kind}, levels={self.num_levels})"
 
 
-def _bucket_keys(u: torch.Tensor, mantissa_bits: int) -> torch.Tensor:
-    """Bucket index of each float32 value (sign | clamped exponent | top mantissa bits)."""
+def _bucket_keys(u: torch.Tensor, mantissa_bits: int, exp_range: int, signed: bool) -> torch.Tensor:
+    """Bucket index of each float32 value (sign | clamped exponent | top mantissa bits).
+
+    Unsigned maps have only the positive half (``u`` is clamped to >= 0 and -0.0 made +0.0 first).
+    """
     bits = u.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    sign = bits >> 31
+    sign = (bits >> 31) if signed else torch.zeros_like(bits)
     exp = (bits >> 23) & 0xFF
     mant = (bits & 0x7FFFFF) >> (23 - mantissa_bits)
-    e_lo = 127 - LUT_EXP_RANGE
+    e_lo = 127 - exp_range
     tiny = exp < e_lo
     e_idx = torch.where(tiny, torch.zeros_like(exp), exp.clamp(max=127) - e_lo)
     mant = torch.where(tiny, torch.zeros_like(mant), mant)
-    per_sign = (LUT_EXP_RANGE + 1) << mantissa_bits
+    per_sign = (exp_range + 1) << mantissa_bits
     return sign * per_sign + (e_idx << mantissa_bits) + mant
 
 
-def _build_bucket_table(levels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Find the smallest mantissa width whose buckets each hold at most one level; build its table."""
-    for mbits in range(4, _MAX_LUT_MANTISSA_BITS + 1):
-        per_sign = (LUT_EXP_RANGE + 1) << mbits
-        # Lower edge (in |u|) of every bucket of one sign, and the upper edge.
-        e_idx = torch.arange(LUT_EXP_RANGE + 1, dtype=torch.float64).repeat_interleave(1 << mbits)
-        mant = torch.arange(1 << mbits, dtype=torch.float64).repeat(LUT_EXP_RANGE + 1)
-        scale = torch.pow(2.0, e_idx - LUT_EXP_RANGE)
-        lo = scale * (1 + mant / (1 << mbits))
-        hi = scale * (1 + (mant + 1) / (1 << mbits))
-        lo[0] = 0.0  # the bottom bucket also holds every tiny value and zero
-        lv = levels.to(torch.float64)
-        # Positive buckets cover [lo, hi); negative buckets cover (-hi, -lo].
-        pos_start, pos_end = lo, hi
-        neg_start, neg_end = -hi, -lo
-        ok = True
-        tables = []
-        for start, end in ((pos_start, pos_end), (neg_start, neg_end)):
-            floor_at_start = torch.searchsorted(lv, start, right=True) - 1
-            # levels strictly inside (start, end]: must be at most one so one comparison corrects
-            inside = torch.searchsorted(lv, end, right=True) - torch.searchsorted(lv, start, right=True)
-            if bool((inside > 1).any()):
-                ok = False
+def _bucket_floors(levels64: torch.Tensor, mbits: int, erange: int, signed: bool) -> torch.Tensor | None:
+    """Floor index at each bucket's lower edge, or None if some bucket holds two or more levels."""
+    e_idx = torch.arange(erange + 1, dtype=torch.float64).repeat_interleave(1 << mbits)
+    mant = torch.arange(1 << mbits, dtype=torch.float64).repeat(erange + 1)
+    scale = torch.pow(2.0, e_idx - erange)
+    lo = scale * (1 + mant / (1 << mbits))
+    hi = scale * (1 + (mant + 1) / (1 << mbits))
+    lo[0] = 0.0  # the bottom bucket also holds every tiny value and zero
+    # positive buckets cover [lo, hi); negative buckets cover (-hi, -lo]
+    halves = [(lo, hi)] + ([(-hi, -lo)] if signed else [])
+    tables = []
+    for start, end in halves:
+        first = torch.searchsorted(levels64, start, right=True)
+        inside = torch.searchsorted(levels64, end, right=True) - first
+        if bool((inside > 1).any()):
+            return None
+        tables.append((first - 1).clamp(min=0))
+    return torch.cat(tables)
+
+
+def _build_bucket_table(levels: torch.Tensor, signed: bool) -> tuple[torch.Tensor, int, int]:
+    """Smallest (table size) mantissa width and exponent window whose buckets each hold <= 1 level."""
+    lv = levels.to(torch.float64)
+    best = None
+    for mbits in range(2, _MAX_LUT_MANTISSA_BITS + 1):
+        for erange in range(_MIN_EXP_RANGE, _MAX_EXP_RANGE + 1):
+            size = (erange + 1) << mbits
+            if best is not None and size >= best[0]:
                 break
-            tables.append(floor_at_start.clamp(min=0))
-        if ok:
-            lut = torch.cat(tables).to(torch.uint8)
-            assert lut.numel() == 2 * per_sign
-            return lut.contiguous(), mbits
-    raise ValueError("levels are too close together for the bucket table; space them further apart")
+            table = _bucket_floors(lv, mbits, erange, signed)
+            if table is not None:
+                best = (size, table, mbits, erange)
+                break
+    if best is None:
+        raise ValueError("levels are too close together for the bucket table; space them further apart")
+    _, table, mbits, erange = best
+    return table.to(torch.int32).contiguous(), mbits, erange
 
 
 def floor_index(levels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -129,7 +145,9 @@ def floor_index(levels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def floor_index_by_table(qmap: QuantMap, u: torch.Tensor) -> torch.Tensor:
     """The same as ``floor_index`` through the bucket table: the algorithm the fused kernels use."""
-    keys = _bucket_keys(u, qmap.lut_mantissa_bits)
+    if not qmap.signed:
+        u = u.clamp(min=0) + 0.0
+    keys = _bucket_keys(u, qmap.lut_mantissa_bits, qmap.lut_exp_range, qmap.signed)
     idx = qmap.lut.to(torch.int64)[keys]
     nxt = (idx + 1).clamp(max=qmap.num_levels - 1)
     return torch.where((nxt > idx) & (qmap.levels[nxt] <= u), nxt, idx)
