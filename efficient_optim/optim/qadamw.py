@@ -40,7 +40,8 @@ class QAdamW(CodecOptimizer):
             128 at 4 bits.
         rounding: ``"nearest"`` (default) or ``"stochastic"`` (reproducible from ``seed``), for states
             stored at 16, 8 or 4 bits; ``m_rounding`` / ``v_rounding`` override it per moment.
-        scale_dtype: dtype of the per-block scales, ``"float32"`` (default) or ``"bfloat16"``.
+        scale_dtype: dtype of the per-block scales: ``"bfloat16"`` (default; rounded up from the fp32
+            block maximum, never overflows, half the bytes) or ``"float32"`` (bitsandbytes' layout).
         min_quantize_numel: parameters with fewer elements (judged on the global, unsharded size) keep
             fp32 moments (default 4096).
         seed: seed of stochastic rounding (default 0).
@@ -71,7 +72,7 @@ class QAdamW(CodecOptimizer):
         rounding: str = "nearest",
         m_rounding: str | None = None,
         v_rounding: str | None = None,
-        scale_dtype: str = "float32",
+        scale_dtype: str = "bfloat16",
         min_quantize_numel: int = 4096,
         seed: int = 0,
         nonfinite: str = "skip",
