@@ -27,8 +27,23 @@ import efficient_optim as eo
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def load_bytes(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).to(torch.long)
+def stdlib_corpus(limit: int = 2_000_000) -> bytes:
+    """The running interpreter's own standard-library sources (sorted, first ``limit`` bytes): text that
+    every machine with Python has, so the check runs with no download and no shared data."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = bytearray()
+    for f in sorted(root.glob("*.py")):
+        out += f.read_bytes()
+        if len(out) >= limit:
+            break
+    return bytes(out[:limit])
+
+
+def load_bytes(path: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    raw = path.read_bytes() if path is not None else stdlib_corpus()
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.long)
     split = int(0.9 * data.numel())
     return data[:split], data[split:]
 
@@ -98,7 +113,9 @@ def run(spec: str, seed: int, args, train, val) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="text file (default: Tiny Shakespeare)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="text file (default: ../shared/data/tinyshakespeare.txt beside the repository if present, "
+                    "else the Python standard library's own sources)")
     ap.add_argument("--optimizers", default="adamw,qadamw8,qadamw4",
                     help="registry names, optionally with settings: qadamw4+m_map=softsign+rounding=stochastic")
     ap.add_argument("--seeds", type=int, default=3)
@@ -110,9 +127,12 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--json", type=Path, help="also write every run here")
     args = ap.parse_args(argv)
-    if not args.data.is_file():
+    if args.data is None and DEFAULT_DATA.is_file():
+        args.data = DEFAULT_DATA
+    if args.data is not None and not args.data.is_file():
         print(f"error: data file not found: {args.data}", file=sys.stderr)
         return 2
+    print(f"data: {args.data or 'Python standard library sources (embedded default)'}")
     train, val = load_bytes(args.data)
     rows = []
     for name in args.optimizers.split(","):

@@ -51,6 +51,11 @@ struct MapView {
   int mant_bits;
   int exp_range;
   bool is_signed;
+  // nearest rounding: bucket table over the fp32 midpoints (+inf padded): count of midpoints <= edge
+  const float* mids;
+  const int32_t* mid_lut;
+  int mid_mant_bits;
+  int mid_exp_range;
   float lo, hi;  // first and last level
 };
 
@@ -85,6 +90,19 @@ inline float store_scale(StateView& s, int64_t b, float absmax) {
   return absmax;
 }
 
+inline uint32_t bucket_key(float u, int mbits, int erange, uint32_t sign_mask) {
+  uint32_t bits;
+  std::memcpy(&bits, &u, 4);
+  uint32_t sign = (bits >> 31) & sign_mask;
+  int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - (127 - erange);
+  uint32_t mant = (bits & 0x7FFFFFu) >> (23 - mbits);
+  mant = e < 0 ? 0u : mant;
+  e = e < 0 ? 0 : e;
+  e = e > erange ? erange : e;  // only a NaN gets here (u is clamped to [-1, 1]); keep reads in bounds
+  uint32_t per_sign = static_cast<uint32_t>(erange + 1) << mbits;
+  return sign * per_sign + (static_cast<uint32_t>(e) << mbits) + mant;
+}
+
 // Codes of one block given its scale; identical to encode_normalized() in the reference.
 // Branch-free so it vectorizes (gathers from the small level and bucket tables).
 template <bool STOCHASTIC>
@@ -92,42 +110,28 @@ void encode_values(const MapView& m, const float* __restrict x, int32_t* __restr
                    float scale, uint32_t salt, uint32_t first_elem) {
   const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
   const float* __restrict lev = m.levels;
-  const int32_t* __restrict lut = m.lut;
   const int32_t last = m.num_levels - 1;
-  const int32_t mbits = m.mant_bits;
-  const int32_t erange = m.exp_range;
   const uint32_t sign_mask = m.is_signed ? 1u : 0u;
-  const uint32_t per_sign = static_cast<uint32_t>(erange + 1) << mbits;
   const float first = m.lo, top = m.hi;
   for (int64_t i = 0; i < len; ++i) {
     float u = x[i] * inv;
     u = u < first ? first : u;
     u = u > top ? top : u;
     u = u + 0.0f;  // -0.0 -> +0.0
-    uint32_t bits;
-    std::memcpy(&bits, &u, 4);
-    uint32_t sign = (bits >> 31) & sign_mask;
-    int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - (127 - erange);
-    uint32_t mant = (bits & 0x7FFFFFu) >> (23 - mbits);
-    mant = e < 0 ? 0u : mant;
-    e = e < 0 ? 0 : e;
-    e = e > erange ? erange : e;  // only a NaN gets here (u is clamped to [-1, 1]); keep reads in bounds
-    uint32_t key = sign * per_sign + (static_cast<uint32_t>(e) << mbits) + mant;
-    int32_t lo = lut[key];
+    if (!STOCHASTIC) {  // nearest: number of midpoints <= u (ties round up)
+      int32_t cnt = m.mid_lut[bucket_key(u, m.mid_mant_bits, m.mid_exp_range, sign_mask)];
+      out[i] = cnt + (m.mids[cnt] <= u ? 1 : 0);
+      continue;
+    }
+    int32_t lo = m.lut[bucket_key(u, m.mant_bits, m.exp_range, sign_mask)];
     int32_t nxt = lo + 1 < last ? lo + 1 : last;
     lo = lev[nxt] <= u ? nxt : lo;
     int32_t hi = lo + 1 < last ? lo + 1 : last;
     float below = u - lev[lo];
     float gap = lev[hi] - lev[lo];
-    bool up;
-    if (STOCHASTIC) {
-      float r = static_cast<float>(fmix32((first_elem + static_cast<uint32_t>(i)) * kGolden + salt) >> 8) *
-                (1.0f / 16777216.0f);
-      up = r * gap < below;
-    } else {
-      up = (gap - below) < below;
-    }
-    out[i] = up ? hi : lo;
+    float r = static_cast<float>(fmix32((first_elem + static_cast<uint32_t>(i)) * kGolden + salt) >> 8) *
+              (1.0f / 16777216.0f);
+    out[i] = r * gap < below ? hi : lo;
   }
 }
 
@@ -140,6 +144,32 @@ inline __m256i fmix32_avx2(__m256i h) {
   return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
 }
 
+struct KeyConsts {
+  __m256i signmask, per_sign, ebias, erange, zero, byte, mant;
+  __m128i mshift, eshift;
+  KeyConsts(int mbits, int erange_, bool is_signed) {
+    signmask = _mm256_set1_epi32(is_signed ? 1 : 0);
+    per_sign = _mm256_set1_epi32((erange_ + 1) << mbits);
+    ebias = _mm256_set1_epi32(127 - erange_);
+    erange = _mm256_set1_epi32(erange_);
+    zero = _mm256_setzero_si256();
+    byte = _mm256_set1_epi32(0xFF);
+    mant = _mm256_set1_epi32(0x7FFFFF);
+    mshift = _mm_cvtsi32_si128(23 - mbits);
+    eshift = _mm_cvtsi32_si128(mbits);
+  }
+};
+
+inline __m256i bucket_key_avx2(__m256 u, const KeyConsts& k) {
+  const __m256i b = _mm256_castps_si256(u);
+  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(b, 31), k.signmask);
+  __m256i e = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 23), k.byte), k.ebias);
+  __m256i mant = _mm256_srl_epi32(_mm256_and_si256(b, k.mant), k.mshift);
+  mant = _mm256_andnot_si256(_mm256_cmpgt_epi32(k.zero, e), mant);
+  e = _mm256_min_epi32(_mm256_max_epi32(e, k.zero), k.erange);
+  return _mm256_add_epi32(_mm256_mullo_epi32(sign, k.per_sign), _mm256_add_epi32(_mm256_sll_epi32(e, k.eshift), mant));
+}
+
 // encode_values() eight lanes at a time; returns how many elements it handled (a multiple of 8).
 template <bool STOCHASTIC>
 int64_t encode_values_avx2(const MapView& m, const float* __restrict x, int32_t* __restrict out, int64_t len,
@@ -147,50 +177,40 @@ int64_t encode_values_avx2(const MapView& m, const float* __restrict x, int32_t*
   const __m256 vinv = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
   const __m256 vfirst = _mm256_set1_ps(m.lo), vtop = _mm256_set1_ps(m.hi), vzero = _mm256_setzero_ps();
   const __m256i vlast = _mm256_set1_epi32(m.num_levels - 1), vone = _mm256_set1_epi32(1);
-  const __m256i vsignmask = _mm256_set1_epi32(m.is_signed ? 1 : 0);
-  const __m256i vper_sign = _mm256_set1_epi32((m.exp_range + 1) << m.mant_bits);
-  const __m256i vebias = _mm256_set1_epi32(127 - m.exp_range), verange = _mm256_set1_epi32(m.exp_range);
-  const __m256i vzi = _mm256_setzero_si256(), v8bits = _mm256_set1_epi32(0xFF), vmant = _mm256_set1_epi32(0x7FFFFF);
-  const __m128i mshift = _mm_cvtsi32_si128(23 - m.mant_bits), eshift = _mm_cvtsi32_si128(m.mant_bits);
+  const KeyConsts kfloor(m.mant_bits, m.exp_range, m.is_signed);
+  const KeyConsts kmid(m.mid_mant_bits, m.mid_exp_range, m.is_signed);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i vgolden = _mm256_set1_epi32(static_cast<int32_t>(kGolden)), vsalt = _mm256_set1_epi32(static_cast<int32_t>(salt));
   const __m256 vr = _mm256_set1_ps(1.0f / 16777216.0f);
-  const int* lut = m.lut;
-  const float* lev = m.levels;
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
     __m256 u = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
     u = _mm256_blendv_ps(u, vfirst, _mm256_cmp_ps(u, vfirst, _CMP_LT_OQ));
     u = _mm256_blendv_ps(u, vtop, _mm256_cmp_ps(u, vtop, _CMP_GT_OQ));
     u = _mm256_add_ps(u, vzero);
-    const __m256i b = _mm256_castps_si256(u);
-    const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(b, 31), vsignmask);
-    __m256i e = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 23), v8bits), vebias);
-    __m256i mant = _mm256_srl_epi32(_mm256_and_si256(b, vmant), mshift);
-    mant = _mm256_andnot_si256(_mm256_cmpgt_epi32(vzi, e), mant);
-    e = _mm256_min_epi32(_mm256_max_epi32(e, vzi), verange);
-    const __m256i key = _mm256_add_epi32(_mm256_mullo_epi32(sign, vper_sign),
-                                         _mm256_add_epi32(_mm256_sll_epi32(e, eshift), mant));
-    __m256i lo = _mm256_i32gather_epi32(lut, key, 4);
-    const __m256i nxt = _mm256_min_epi32(_mm256_add_epi32(lo, vone), vlast);
-    const __m256 lev_nxt = _mm256_i32gather_ps(lev, nxt, 4);
-    lo = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(nxt),
-                                              _mm256_cmp_ps(lev_nxt, u, _CMP_LE_OQ)));
-    const __m256i hi = _mm256_min_epi32(_mm256_add_epi32(lo, vone), vlast);
-    const __m256 lev_lo = _mm256_i32gather_ps(lev, lo, 4);
-    const __m256 lev_hi = _mm256_i32gather_ps(lev, hi, 4);
-    const __m256 below = _mm256_sub_ps(u, lev_lo);
-    const __m256 gap = _mm256_sub_ps(lev_hi, lev_lo);
-    __m256 up;
-    if (STOCHASTIC) {
+    __m256i code;
+    if (!STOCHASTIC) {  // nearest: number of midpoints <= u
+      const __m256i cnt = _mm256_i32gather_epi32(m.mid_lut, bucket_key_avx2(u, kmid), 4);
+      const __m256 mid = _mm256_i32gather_ps(m.mids, cnt, 4);
+      // (mid <= u) is all-ones (-1) per lane: subtracting it adds one
+      code = _mm256_sub_epi32(cnt, _mm256_castps_si256(_mm256_cmp_ps(mid, u, _CMP_LE_OQ)));
+    } else {
+      __m256i lo = _mm256_i32gather_epi32(m.lut, bucket_key_avx2(u, kfloor), 4);
+      const __m256i nxt = _mm256_min_epi32(_mm256_add_epi32(lo, vone), vlast);
+      const __m256 lev_nxt = _mm256_i32gather_ps(m.levels, nxt, 4);
+      lo = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(nxt),
+                                                _mm256_cmp_ps(lev_nxt, u, _CMP_LE_OQ)));
+      const __m256i hi = _mm256_min_epi32(_mm256_add_epi32(lo, vone), vlast);
+      const __m256 lev_lo = _mm256_i32gather_ps(m.levels, lo, 4);
+      const __m256 lev_hi = _mm256_i32gather_ps(m.levels, hi, 4);
+      const __m256 below = _mm256_sub_ps(u, lev_lo);
+      const __m256 gap = _mm256_sub_ps(lev_hi, lev_lo);
       const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first_elem + static_cast<uint32_t>(i))), lane);
       const __m256i h = fmix32_avx2(_mm256_add_epi32(_mm256_mullo_epi32(idx, vgolden), vsalt));
       const __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), vr);
-      up = _mm256_cmp_ps(_mm256_mul_ps(r, gap), below, _CMP_LT_OQ);
-    } else {
-      up = _mm256_cmp_ps(_mm256_sub_ps(gap, below), below, _CMP_LT_OQ);
+      const __m256 up = _mm256_cmp_ps(_mm256_mul_ps(r, gap), below, _CMP_LT_OQ);
+      code = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), up));
     }
-    const __m256i code = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), up));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), code);
   }
   return i;
@@ -252,7 +272,8 @@ inline float block_absmax(const float* __restrict x, int64_t len) {
 }
 
 MapView map_view(const torch::Tensor& levels, const torch::Tensor& lut, int64_t mant_bits, int64_t exp_range,
-                 bool is_signed) {
+                 bool is_signed, const torch::Tensor& mids, const torch::Tensor& mid_lut, int64_t mid_mant_bits,
+                 int64_t mid_exp_range) {
   TORCH_CHECK(levels.dtype() == torch::kFloat32 && levels.is_contiguous(), "levels must be contiguous fp32");
   TORCH_CHECK(lut.dtype() == torch::kInt32 && lut.is_contiguous(), "bucket table must be contiguous int32");
   TORCH_CHECK(lut.numel() == ((exp_range + 1) << mant_bits) * (is_signed ? 2 : 1), "bucket table size mismatch");
@@ -263,14 +284,24 @@ MapView map_view(const torch::Tensor& levels, const torch::Tensor& lut, int64_t 
   m.mant_bits = static_cast<int>(mant_bits);
   m.exp_range = static_cast<int>(exp_range);
   m.is_signed = is_signed;
+  TORCH_CHECK(mids.dtype() == torch::kFloat32 && mids.is_contiguous() && mids.numel() == levels.numel(),
+              "midpoints must be contiguous fp32, one per level (the last +inf)");
+  TORCH_CHECK(mid_lut.dtype() == torch::kInt32 && mid_lut.is_contiguous() &&
+                  mid_lut.numel() == ((mid_exp_range + 1) << mid_mant_bits) * (is_signed ? 2 : 1),
+              "midpoint bucket table size mismatch");
+  m.mids = mids.data_ptr<float>();
+  m.mid_lut = mid_lut.data_ptr<int32_t>();
+  m.mid_mant_bits = static_cast<int>(mid_mant_bits);
+  m.mid_exp_range = static_cast<int>(mid_exp_range);
   m.lo = m.levels[0];
   m.hi = m.levels[m.num_levels - 1];
   return m;
 }
 
-StateView state_view(torch::Tensor& codes, torch::Tensor& scales, const torch::Tensor& levels,
-                     const torch::Tensor& lut, int64_t mant_bits, int64_t exp_range, bool is_signed,
-                     bool stochastic, int64_t salt) {
+StateView state_view(torch::Tensor& codes, torch::Tensor& scales, const std::vector<torch::Tensor>& tables,
+                     const std::vector<int64_t>& geometry, bool is_signed, bool stochastic, int64_t salt) {
+  TORCH_CHECK(tables.size() == 4 && geometry.size() == 4,
+              "expects tables (levels, lut, midpoints, mid_lut) and geometry (mant, exp, mid_mant, mid_exp)");
   TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous(), "codes must be contiguous uint8");
   TORCH_CHECK(scales.is_contiguous(), "scales must be contiguous");
   TORCH_CHECK(scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kBFloat16,
@@ -279,7 +310,7 @@ StateView state_view(torch::Tensor& codes, torch::Tensor& scales, const torch::T
   s.codes = codes.data_ptr<uint8_t>();
   s.scales = scales.data_ptr();
   s.scale_bf16 = scales.dtype() == torch::kBFloat16;
-  s.map = map_view(levels, lut, mant_bits, exp_range, is_signed);
+  s.map = map_view(tables[0], tables[1], geometry[0], geometry[1], is_signed, tables[2], tables[3], geometry[2], geometry[3]);
   s.stochastic = stochastic;
   s.salt = static_cast<uint32_t>(salt);
   return s;
@@ -329,18 +360,20 @@ void adamw_blocks(float* p, const float* g, StateView m, StateView v, int64_t n,
 }  // namespace
 
 // Fused AdamW step over one parameter whose two moments are block-quantized.
+// m_tables / v_tables: (levels, bucket table, midpoints, midpoint bucket table) of each moment's map;
+// m_geometry / v_geometry: (mantissa bits, exponent range) of the two bucket tables.
 void adamw_quantized_step(torch::Tensor p, torch::Tensor g, torch::Tensor m_codes, torch::Tensor m_scales,
-                          torch::Tensor m_levels, torch::Tensor m_lut, int64_t m_mant_bits, int64_t m_exp_range,
-                          bool m_signed, int64_t m_bits, bool m_stochastic, int64_t m_salt, torch::Tensor v_codes,
-                          torch::Tensor v_scales, torch::Tensor v_levels, torch::Tensor v_lut, int64_t v_mant_bits,
-                          int64_t v_exp_range, bool v_signed, int64_t v_bits, bool v_stochastic, int64_t v_salt, int64_t block_size, double lr, double beta1,
+                          std::vector<torch::Tensor> m_tables, std::vector<int64_t> m_geometry, bool m_signed,
+                          int64_t m_bits, bool m_stochastic, int64_t m_salt, torch::Tensor v_codes,
+                          torch::Tensor v_scales, std::vector<torch::Tensor> v_tables, std::vector<int64_t> v_geometry,
+                          bool v_signed, int64_t v_bits, bool v_stochastic, int64_t v_salt, int64_t block_size, double lr, double beta1,
                           double beta2, double eps, double weight_decay, double step_size, double sqrt_bc2) {
   TORCH_CHECK(p.dtype() == torch::kFloat32 && p.is_contiguous(), "param must be contiguous fp32");
   TORCH_CHECK(g.dtype() == torch::kFloat32 && g.is_contiguous(), "grad must be contiguous fp32");
   TORCH_CHECK(p.numel() == g.numel(), "param and grad sizes differ");
   TORCH_CHECK(block_size >= 2 && block_size % 2 == 0, "block_size must be even");
-  StateView m = state_view(m_codes, m_scales, m_levels, m_lut, m_mant_bits, m_exp_range, m_signed, m_stochastic, m_salt);
-  StateView v = state_view(v_codes, v_scales, v_levels, v_lut, v_mant_bits, v_exp_range, v_signed, v_stochastic, v_salt);
+  StateView m = state_view(m_codes, m_scales, m_tables, m_geometry, m_signed, m_stochastic, m_salt);
+  StateView v = state_view(v_codes, v_scales, v_tables, v_geometry, v_signed, v_stochastic, v_salt);
   const int64_t n = p.numel();
   float* pp = p.data_ptr<float>();
   const float* gp = g.data_ptr<float>();

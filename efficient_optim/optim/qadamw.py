@@ -21,6 +21,13 @@ DEFAULT_MAPS = {("m", 8): "dynamic", ("v", 8): "dynamic", ("m", 4): "dynamic", (
 _STATE_IDS = {"exp_avg": 0, "exp_avg_sq": 1}
 
 
+def _kernel_tables(q: QuantMap) -> tuple[list, list, bool]:
+    """A map's tables and bucket geometry in the order the fused kernel takes them."""
+    tables = [q.levels, q.lut, q.midpoints, q.mid_lut]
+    geometry = [q.lut_mantissa_bits, q.lut_exp_range, q.mid_mantissa_bits, q.mid_exp_range]
+    return tables, geometry, q.signed
+
+
 class QAdamW(CodecOptimizer):
     """AdamW (decoupled weight decay) with block-wise quantized or reduced-precision moments.
 
@@ -197,12 +204,10 @@ class QAdamW(CodecOptimizer):
         mq, vq = mc.qmap, vc.qmap
         kernels.adamw_quantized_step(
             p, g.contiguous(),
-            state["exp_avg.codes"], state["exp_avg.scales"], mq.levels, mq.lut, mq.lut_mantissa_bits,
-            mq.lut_exp_range, mq.signed, mc.bits, mc.rounding == "stochastic",
-            self._salt(group, index, "exp_avg", step),
-            state["exp_avg_sq.codes"], state["exp_avg_sq.scales"], vq.levels, vq.lut, vq.lut_mantissa_bits,
-            vq.lut_exp_range, vq.signed, vc.bits, vc.rounding == "stochastic",
-            self._salt(group, index, "exp_avg_sq", step),
+            state["exp_avg.codes"], state["exp_avg.scales"], *_kernel_tables(mq), mc.bits,
+            mc.rounding == "stochastic", self._salt(group, index, "exp_avg", step),
+            state["exp_avg_sq.codes"], state["exp_avg_sq.scales"], *_kernel_tables(vq), vc.bits,
+            vc.rounding == "stochastic", self._salt(group, index, "exp_avg_sq", step),
             mc.block_size, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
             group["lr"] / (1 - beta1**step), math.sqrt(1 - beta2**step),
         )  # fmt: skip

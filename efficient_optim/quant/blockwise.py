@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .maps import QuantMap, floor_index
+from .maps import QuantMap, floor_index, nearest_index
 from .packing import pack_codes, packed_numel, unpack_codes
 from .rounding import ROUNDING_MODES, uniform_from_hash
 
@@ -62,18 +62,16 @@ def encode_normalized(qmap: QuantMap, u: torch.Tensor, rounding: str, salt: int 
     """Codes (int64) of normalized values ``u`` in the map's range, rounded as asked."""
     levels = qmap.levels.to(u.device)
     u = u.clamp(float(levels[0]), float(levels[-1]))
+    if rounding == "nearest":  # ties (u exactly on an fp32 midpoint) round up
+        return nearest_index(qmap, u)
+    if rounding != "stochastic":
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
     lo = floor_index(levels, u)
     hi = (lo + 1).clamp(max=qmap.num_levels - 1)
     below = u - levels[lo]
     gap = levels[hi] - levels[lo]
-    if rounding == "nearest":
-        up = (gap - below) < below
-    elif rounding == "stochastic":
-        r = uniform_from_hash(u.numel(), salt, device=u.device).view_as(u)
-        up = r * gap < below
-    else:
-        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
-    return torch.where(up, hi, lo)
+    r = uniform_from_hash(u.numel(), salt, device=u.device).view_as(u)
+    return torch.where(r * gap < below, hi, lo)
 
 
 def quantize_blockwise(

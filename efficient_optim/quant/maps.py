@@ -47,6 +47,10 @@ class QuantMap:
     lut: torch.Tensor = field(init=False)
     lut_mantissa_bits: int = field(init=False)
     lut_exp_range: int = field(init=False)
+    midpoints: torch.Tensor = field(init=False)
+    mid_lut: torch.Tensor = field(init=False)
+    mid_mantissa_bits: int = field(init=False)
+    mid_exp_range: int = field(init=False)
 
     def __post_init__(self):
         levels = self.levels.to(torch.float32).contiguous()
@@ -59,10 +63,18 @@ class QuantMap:
         object.__setattr__(self, "levels", levels)
         if not self.signed and levels[0] < 0:
             raise ValueError(f"map {self.name!r}: an unsigned map cannot have negative levels")
-        lut, mbits, erange = _build_bucket_table(levels, self.signed)
+        lut, mbits, erange = _build_bucket_table(levels, self.signed, floor=True)
         object.__setattr__(self, "lut", lut)
         object.__setattr__(self, "lut_mantissa_bits", mbits)
         object.__setattr__(self, "lut_exp_range", erange)
+        # Nearest rounding = number of midpoints <= u. Midpoints are fp32, padded with +inf so the
+        # kernel's one correction step never runs past the last level.
+        mids = (levels[:-1] + levels[1:]) * 0.5
+        mid_lut, mid_mbits, mid_erange = _build_bucket_table(mids, self.signed, floor=False)
+        object.__setattr__(self, "midpoints", torch.cat([mids, torch.tensor([float("inf")])]).contiguous())
+        object.__setattr__(self, "mid_lut", mid_lut)
+        object.__setattr__(self, "mid_mantissa_bits", mid_mbits)
+        object.__setattr__(self, "mid_exp_range", mid_erange)
 
     @property
     def num_levels(self) -> int:
@@ -72,10 +84,13 @@ class QuantMap:
     def has_zero(self) -> bool:
         return bool((self.levels == 0).any())
 
+    def tables(self) -> dict[str, torch.Tensor]:
+        """Every tensor the map holds (shared by all states using it; counted once in memory figures)."""
+        return {"levels": self.levels, "lut": self.lut, "midpoints": self.midpoints, "mid_lut": self.mid_lut}
+
     @property
     def nbytes(self) -> int:
-        """Bytes of the shared tables (levels + bucket table); counted once per optimizer."""
-        return self.levels.numel() * self.levels.element_size() + self.lut.numel() * self.lut.element_size()
+        return sum(t.numel() * t.element_size() for t in self.tables().values())
 
     def __repr__(self) -> str:
         kind = "signed" if self.signed else "unsigned"
@@ -99,8 +114,8 @@ def _bucket_keys(u: torch.Tensor, mantissa_bits: int, exp_range: int, signed: bo
     return sign * per_sign + (e_idx << mantissa_bits) + mant
 
 
-def _bucket_floors(levels64: torch.Tensor, mbits: int, erange: int, signed: bool) -> torch.Tensor | None:
-    """Floor index at each bucket's lower edge, or None if some bucket holds two or more levels."""
+def _bucket_counts(levels64: torch.Tensor, mbits: int, erange: int, signed: bool) -> torch.Tensor | None:
+    """Number of levels <= each bucket's lower edge, or None if some bucket holds two or more levels."""
     e_idx = torch.arange(erange + 1, dtype=torch.float64).repeat_interleave(1 << mbits)
     mant = torch.arange(1 << mbits, dtype=torch.float64).repeat(erange + 1)
     scale = torch.pow(2.0, e_idx - erange)
@@ -115,12 +130,15 @@ def _bucket_floors(levels64: torch.Tensor, mbits: int, erange: int, signed: bool
         inside = torch.searchsorted(levels64, end, right=True) - first
         if bool((inside > 1).any()):
             return None
-        tables.append((first - 1).clamp(min=0))
+        tables.append(first)
     return torch.cat(tables)
 
 
-def _build_bucket_table(levels: torch.Tensor, signed: bool) -> tuple[torch.Tensor, int, int]:
-    """Smallest (table size) mantissa width and exponent window whose buckets each hold <= 1 level."""
+def _build_bucket_table(levels: torch.Tensor, signed: bool, floor: bool) -> tuple[torch.Tensor, int, int]:
+    """Smallest (table size) mantissa width and exponent window whose buckets each hold <= 1 level.
+
+    The table holds the floor index at each bucket's lower edge (``floor=True``) or the count of
+    values <= that edge (``floor=False``, for midpoints)."""
     lv = levels.to(torch.float64)
     best = None
     for mbits in range(2, _MAX_LUT_MANTISSA_BITS + 1):
@@ -128,19 +146,35 @@ def _build_bucket_table(levels: torch.Tensor, signed: bool) -> tuple[torch.Tenso
             size = (erange + 1) << mbits
             if best is not None and size >= best[0]:
                 break
-            table = _bucket_floors(lv, mbits, erange, signed)
+            table = _bucket_counts(lv, mbits, erange, signed)
             if table is not None:
                 best = (size, table, mbits, erange)
                 break
     if best is None:
         raise ValueError("levels are too close together for the bucket table; space them further apart")
     _, table, mbits, erange = best
+    if floor:
+        table = (table - 1).clamp(min=0)
     return table.to(torch.int32).contiguous(), mbits, erange
 
 
 def floor_index(levels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Largest index i with ``levels[i] <= u`` (values are assumed clamped to the levels' range)."""
     return (torch.searchsorted(levels, u.contiguous(), right=True) - 1).clamp_(min=0)
+
+
+def nearest_index(qmap: QuantMap, u: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level (ties round up): the number of midpoints <= u."""
+    return torch.searchsorted(qmap.midpoints[:-1].to(u.device), u.contiguous(), right=True)
+
+
+def nearest_index_by_table(qmap: QuantMap, u: torch.Tensor) -> torch.Tensor:
+    """The same as ``nearest_index`` through the midpoint bucket table (the fused kernel's algorithm)."""
+    if not qmap.signed:
+        u = u.clamp(min=0) + 0.0
+    keys = _bucket_keys(u, qmap.mid_mantissa_bits, qmap.mid_exp_range, qmap.signed)
+    cnt = qmap.mid_lut.to(torch.int64)[keys]
+    return cnt + (qmap.midpoints[cnt] <= u).to(torch.int64)
 
 
 def floor_index_by_table(qmap: QuantMap, u: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,7 @@ class Quantized(StateCodec):
 
     def shared_tensors(self):
         tag = f"map.{self.qmap.name}.{self.bits}bit.{'signed' if self.signed else 'unsigned'}.{id(self.qmap):x}"
-        return {f"{tag}.levels": self.qmap.levels, f"{tag}.lut": self.qmap.lut}
+        return {f"{tag}.{k}": t for k, t in self.qmap.tables().items()}
 
     def __hash__(self):
         return hash((self.bits, self.block_size, id(self.qmap), self.signed, self.rounding, self.scale_dtype))
