@@ -17,7 +17,7 @@ from efficient_optim.quant import (
     round_scale_up,
     unpack_codes,
 )
-from efficient_optim.quant.maps import floor_index, floor_index_by_table
+from efficient_optim.quant.maps import floor_index, floor_index_by_table, nearest_index, nearest_index_by_table
 
 BUILTIN = [m for m in MAP_NAMES if m != "learned"]
 CONFIGS = [(name, bits, signed) for name in BUILTIN for bits in (8, 4) for signed in (True, False)]
@@ -67,6 +67,14 @@ def test_bucket_table_reproduces_searchsorted_exactly(name, bits, signed):
     if not signed:
         u = u.clamp(min=0)
     assert torch.equal(floor_index(m.levels, u), floor_index_by_table(m, u))
+    mids = m.midpoints[:-1]
+    u2 = torch.cat([u, mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)])
+    u2 = u2.clamp(float(m.levels[0]), float(m.levels[-1]))
+    assert torch.equal(nearest_index(m, u2), nearest_index_by_table(m, u2))
+    # and it is the nearest level (ties aside, checked in float64)
+    err = (m.levels[nearest_index(m, u)].double() - u.double()).abs()
+    best = (m.levels.double()[None, :] - u.double()[:, None]).abs().min(1).values
+    assert torch.all(err <= best * (1 + 1e-6) + 1e-12)
 
 
 @settings(max_examples=40, deadline=None)
