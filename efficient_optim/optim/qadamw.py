@@ -8,7 +8,7 @@ import torch
 
 from ..kernels.cpu import load_cpu_kernels
 from ..policy.static import STATE_BITS, moment_codec
-from ..quant import MAP_NAMES, QuantMap, SCALE_DTYPES, mix_salt
+from ..quant import MAP_NAMES, SCALE_DTYPES, QuantMap, mix_salt
 from ..quant.blockwise import validate_block_size
 from ..quant.rounding import ROUNDING_MODES
 from ..state import Quantized

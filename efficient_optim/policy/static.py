@@ -4,7 +4,7 @@ global size. Small tensors (biases, norms, anything under ``min_quantize_numel``
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -18,7 +18,7 @@ def global_numel(param: torch.Tensor) -> int:
     return int(param.numel())
 
 
-@lru_cache(maxsize=None)
+@cache
 def codec_for(
     bits: int,
     *,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -254,7 +254,7 @@ _BUILDERS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_map(name: str, bits: int, signed: bool) -> QuantMap:
     """The shared built-in map ``name`` at ``bits`` bits (one object per configuration, cached).
 
