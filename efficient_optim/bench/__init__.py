@@ -1,0 +1,1 @@
+"""Benchmarks users run: the quick optimizer comparison behind ``effopt bench``."""
