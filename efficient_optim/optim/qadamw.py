@@ -16,8 +16,10 @@ from .adamw_rule import adamw_update_
 from .base import NONFINITE_POLICIES, CodecOptimizer
 from .validation import check_betas, check_choice, check_int, check_nonneg, check_positive
 
-# Default maps per moment and width (see BENCHMARKS.md for the measurements behind them).
-DEFAULT_MAPS = {("m", 8): "dynamic", ("v", 8): "dynamic", ("m", 4): "dynamic", ("v", 4): "linear_nozero"}
+# Defaults per moment and width, chosen from the measurements in BENCHMARKS.md: at 4 bits, a square-law
+# zero-free v map plus stochastic rounding of m close the gap to fp32 AdamW (each alone does not).
+DEFAULT_MAPS = {("m", 8): "dynamic", ("v", 8): "dynamic", ("m", 4): "dynamic", ("v", 4): "sqrt_nozero"}
+DEFAULT_ROUNDING = {("m", 4): "stochastic"}  # everything else: nearest
 _STATE_IDS = {"exp_avg": 0, "exp_avg_sq": 1}
 
 
@@ -41,12 +43,14 @@ class QAdamW(CodecOptimizer):
             16 (bf16), 8 or 4 (block-wise quantized). Default 8.
         m_bits, v_bits: per-moment override of ``bits`` (default None: use ``bits``).
         m_map, v_map: quantization map of each moment (``dynamic``, ``linear``, ``linear_nozero``,
-            ``softsign`` or a ``QuantMap``); None (default) picks ``dynamic`` for m, and for v ``dynamic``
-            at 8 bits, ``linear_nozero`` at 4 bits (a zero level in a 4-bit v map makes updates blow up).
+            ``sqrt_nozero``, ``softsign`` or a ``QuantMap``); None (default) picks ``dynamic`` for m, and for
+            v ``dynamic`` at 8 bits, ``sqrt_nozero`` at 4 bits (a zero level in a 4-bit v map makes updates
+            blow up; a linear zero-free one inflates small v 16x and slows training).
         m_block_size, v_block_size: elements per quantization block; None (default) = 256 at 8 bits,
             128 at 4 bits.
-        rounding: ``"nearest"`` (default) or ``"stochastic"`` (reproducible from ``seed``), for states
-            stored at 16, 8 or 4 bits; ``m_rounding`` / ``v_rounding`` override it per moment.
+        rounding: ``"nearest"`` or ``"stochastic"`` (reproducible from ``seed``) for states stored at 16, 8
+            or 4 bits; ``m_rounding`` / ``v_rounding`` override it per moment. None (default): stochastic
+            for a 4-bit m, nearest for everything else.
         scale_dtype: dtype of the per-block scales: ``"bfloat16"`` (default; rounded up from the fp32
             block maximum, never overflows, half the bytes) or ``"float32"`` (bitsandbytes' layout).
         min_quantize_numel: parameters with fewer elements (judged on the global, unsharded size) keep
@@ -76,7 +80,7 @@ class QAdamW(CodecOptimizer):
         v_map: str | QuantMap | None = None,
         m_block_size: int | None = None,
         v_block_size: int | None = None,
-        rounding: str = "nearest",
+        rounding: str | None = None,
         m_rounding: str | None = None,
         v_rounding: str | None = None,
         scale_dtype: str = "bfloat16",
@@ -119,7 +123,8 @@ class QAdamW(CodecOptimizer):
                     validate_block_size(bs, width if width in (4, 8) else 8)
                 except ValueError as exc:
                     raise ValueError(f"invalid {prefix}_block_size: {exc}") from None
-        check_choice("rounding", group["rounding"], ROUNDING_MODES)
+        if group["rounding"] is not None:
+            check_choice("rounding", group["rounding"], ROUNDING_MODES)
         check_choice("scale_dtype", group["scale_dtype"], sorted(SCALE_DTYPES))
         check_int("min_quantize_numel", group["min_quantize_numel"], 0)
         check_int("seed", group["seed"], 0)
@@ -133,6 +138,9 @@ class QAdamW(CodecOptimizer):
         resolved = dict(group)
         if resolved[f"{prefix}_map"] is None and bits in (4, 8):
             resolved[f"{prefix}_map"] = DEFAULT_MAPS[(prefix, bits)]
+        resolved[f"{prefix}_rounding"] = (
+            resolved[f"{prefix}_rounding"] or resolved["rounding"] or DEFAULT_ROUNDING.get((prefix, bits), "nearest")
+        )
         if p is None:  # validation only: a size that is always quantized
             resolved["min_quantize_numel"] = 0
             p = torch.empty(0)

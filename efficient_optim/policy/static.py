@@ -49,7 +49,7 @@ def moment_codec(group: dict, prefix: str, param: torch.Tensor, *, signed: bool)
     bits = group.get(f"{prefix}_bits") or group["bits"]
     if bits in (8, 4) and global_numel(param) < group["min_quantize_numel"]:
         bits = 32
-    rounding = group.get(f"{prefix}_rounding") or group["rounding"]
+    rounding = group.get(f"{prefix}_rounding") or group.get("rounding") or "nearest"
     if bits == 32:
         return codec_for(32)
     if bits == 16:
