@@ -299,3 +299,16 @@ def test_state_bytes_of_qadamw_is_exact():
         shared = sum(t.numel() * t.element_size() for t in opt.shared_state_tensors().values())
         expected = 2 * (codes + blocks * 2) + 2 * 1000 * 4 + 2 * 4 + shared  # bf16 scales  # codes+scales, dense bias, steps
         assert state_bytes(opt) == expected
+
+
+def test_defaults_resolve_as_documented():
+    p = torch.nn.Parameter(torch.randn(64, 128))
+    group8 = QAdamW([p]).param_groups[0]
+    group4 = QAdamW([p], bits=4).param_groups[0]
+    c8, c4 = QAdamW([p]).codecs(p, group8), QAdamW([p], bits=4).codecs(p, group4)
+    assert (c8["exp_avg"].qmap.name, c8["exp_avg"].rounding, c8["exp_avg_sq"].qmap.name) == ("dynamic", "nearest", "dynamic")
+    assert (c4["exp_avg"].rounding, c4["exp_avg_sq"].qmap.name, c4["exp_avg_sq"].rounding) == (
+        "stochastic", "sqrt_nozero", "nearest"
+    )
+    assert c4["exp_avg"].block_size == 128 and c8["exp_avg"].block_size == 256
+    assert c8["exp_avg"].scale_dtype == "bfloat16"

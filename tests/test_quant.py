@@ -17,7 +17,12 @@ from efficient_optim.quant import (
     round_scale_up,
     unpack_codes,
 )
-from efficient_optim.quant.maps import floor_index, floor_index_by_table, nearest_index, nearest_index_by_table
+from efficient_optim.quant.maps import (
+    floor_index,
+    floor_index_by_table,
+    nearest_index,
+    nearest_index_by_table,
+)
 
 BUILTIN = [m for m in MAP_NAMES if m != "learned"]
 CONFIGS = [(name, bits, signed) for name in BUILTIN for bits in (8, 4) for signed in (True, False)]
