@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +20,20 @@ _SOURCE = Path(__file__).with_name("cpu_adamw.cpp")
 # -ffp-contract=off keeps a*b+c as two roundings, like the PyTorch reference; -fno-math-errno lets sqrt
 # vectorize. No -ffast-math: NaN/Inf and denormal behaviour stay IEEE.
 _CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=256", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
+
+
+def _cpu_fingerprint() -> bytes:
+    """The CPU's architecture and feature flags: part of the cache key, because the kernel is built with
+    -march=native and a home directory shared by machines with different CPUs must not share the binary."""
+    flags = b""
+    try:
+        for line in Path("/proc/cpuinfo").read_bytes().splitlines():
+            if line.startswith((b"flags", b"Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return platform.machine().encode() + flags
 
 
 def kernels_disabled() -> bool:
@@ -33,7 +48,7 @@ def load_cpu_kernels():
     try:
         from torch.utils.cpp_extension import load
 
-        digest = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:10]
+        digest = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + _cpu_fingerprint()).hexdigest()[:10]
         return load(
             name=f"effopt_cpu_{digest}",
             sources=[str(_SOURCE)],
