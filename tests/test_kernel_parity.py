@@ -78,3 +78,16 @@ def test_nonfinite_scan_matches_isfinite():
         u = t.clone()
         u[123_457] = bad
         assert k.any_nonfinite_f32(u)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("m_map,v_map", [("linear", "linear_nozero"), ("softsign", "sqrt_nozero")])
+def test_fused_4bit_register_path_matches_reference(m_map, v_map, rounding):
+    """15- and 16-level maps take the table-free AVX2 path (levels padded to 16 in registers)."""
+    (p_ref, s_ref), (p_fused, s_fused) = _one_step_from_same_state(
+        2000, bits=4, m_map=m_map, v_map=v_map, rounding=rounding
+    )
+    torch.testing.assert_close(p_fused, p_ref, rtol=1e-5, atol=1e-7)
+    for key in ("exp_avg", "exp_avg_sq"):
+        same = (s_fused[f"{key}.codes"] == s_ref[f"{key}.codes"]).float().mean().item()
+        assert same > 0.995, (key, same)

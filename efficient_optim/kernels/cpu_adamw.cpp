@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -170,6 +171,64 @@ inline __m256i bucket_key_avx2(__m256 u, const KeyConsts& k) {
   return _mm256_add_epi32(_mm256_mullo_epi32(sign, k.per_sign), _mm256_add_epi32(_mm256_sll_epi32(e, k.eshift), mant));
 }
 
+// Maps with at most 16 levels (4-bit): no tables at all. Nearest = number of midpoints <= u, counted with
+// one compare per midpoint held in a register; stochastic = floor index counted the same way, its two
+// neighbouring levels looked up with in-register permutes. Same results as the table path.
+inline __m256 lookup16(__m256 lo8, __m256 hi8, __m256i idx) {
+  const __m256 a = _mm256_permutevar8x32_ps(lo8, idx);
+  const __m256 b = _mm256_permutevar8x32_ps(hi8, idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
+}
+
+template <bool STOCHASTIC>
+int64_t encode_small_avx2(const MapView& m, const float* __restrict x, int32_t* __restrict out, int64_t len,
+                          float scale, uint32_t salt, uint32_t first_elem) {
+  const int n = m.num_levels;
+  alignas(32) float lev[16], mid[16];
+  for (int j = 0; j < 16; ++j) {
+    lev[j] = m.levels[j < n ? j : n - 1];
+    mid[j] = j < n - 1 ? m.mids[j] : std::numeric_limits<float>::infinity();
+  }
+  __m256 vmid[15], vlev[16];
+  for (int j = 0; j < 15; ++j) vmid[j] = _mm256_set1_ps(mid[j]);
+  for (int j = 0; j < 16; ++j) vlev[j] = _mm256_set1_ps(lev[j]);
+  const __m256 lev_lo8 = _mm256_load_ps(lev), lev_hi8 = _mm256_load_ps(lev + 8);
+  const __m256 vinv = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+  const __m256 vfirst = _mm256_set1_ps(m.lo), vtop = _mm256_set1_ps(m.hi), vzero = _mm256_setzero_ps();
+  const __m256i vlast = _mm256_set1_epi32(n - 1), vone = _mm256_set1_epi32(1);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i vgolden = _mm256_set1_epi32(static_cast<int32_t>(kGolden)), vsalt = _mm256_set1_epi32(static_cast<int32_t>(salt));
+  const __m256 vr = _mm256_set1_ps(1.0f / 16777216.0f);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    __m256 u = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
+    u = _mm256_blendv_ps(u, vfirst, _mm256_cmp_ps(u, vfirst, _CMP_LT_OQ));
+    u = _mm256_blendv_ps(u, vtop, _mm256_cmp_ps(u, vtop, _CMP_GT_OQ));
+    u = _mm256_add_ps(u, vzero);
+    __m256i code = _mm256_setzero_si256();
+    if (!STOCHASTIC) {
+      for (int j = 0; j < 15; ++j)  // (mid <= u) is -1 per lane where true
+        code = _mm256_sub_epi32(code, _mm256_castps_si256(_mm256_cmp_ps(vmid[j], u, _CMP_LE_OQ)));
+    } else {
+      __m256i cnt = _mm256_setzero_si256();
+      for (int j = 0; j < 16; ++j)
+        cnt = _mm256_sub_epi32(cnt, _mm256_castps_si256(_mm256_cmp_ps(vlev[j], u, _CMP_LE_OQ)));
+      // padded levels repeat the last one: clamp the count to the real levels before taking the floor
+      const __m256i lo = _mm256_sub_epi32(_mm256_min_epi32(cnt, _mm256_set1_epi32(n)), vone);
+      const __m256i hi = _mm256_min_epi32(_mm256_add_epi32(lo, vone), vlast);
+      const __m256 l0 = lookup16(lev_lo8, lev_hi8, lo), l1 = lookup16(lev_lo8, lev_hi8, hi);
+      const __m256 below = _mm256_sub_ps(u, l0), gap = _mm256_sub_ps(l1, l0);
+      const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first_elem + static_cast<uint32_t>(i))), lane);
+      const __m256i h = fmix32_avx2(_mm256_add_epi32(_mm256_mullo_epi32(idx, vgolden), vsalt));
+      const __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), vr);
+      const __m256 up = _mm256_cmp_ps(_mm256_mul_ps(r, gap), below, _CMP_LT_OQ);
+      code = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), up));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), code);
+  }
+  return i;
+}
+
 // encode_values() eight lanes at a time; returns how many elements it handled (a multiple of 8).
 template <bool STOCHASTIC>
 int64_t encode_values_avx2(const MapView& m, const float* __restrict x, int32_t* __restrict out, int64_t len,
@@ -240,8 +299,13 @@ void encode_block(StateView& s, const float* __restrict buf, int32_t* __restrict
   int64_t done = 0;
   const uint32_t first = static_cast<uint32_t>(start);
 #if defined(__AVX2__)
-  done = s.stochastic ? encode_values_avx2<true>(s.map, buf, tmp, len, scale, s.salt, first)
-                      : encode_values_avx2<false>(s.map, buf, tmp, len, scale, s.salt, first);
+  if (s.map.num_levels <= 16) {
+    done = s.stochastic ? encode_small_avx2<true>(s.map, buf, tmp, len, scale, s.salt, first)
+                        : encode_small_avx2<false>(s.map, buf, tmp, len, scale, s.salt, first);
+  } else {
+    done = s.stochastic ? encode_values_avx2<true>(s.map, buf, tmp, len, scale, s.salt, first)
+                        : encode_values_avx2<false>(s.map, buf, tmp, len, scale, s.salt, first);
+  }
 #endif
   if (s.stochastic) {
     encode_values<true>(s.map, buf + done, tmp + done, len - done, scale, s.salt, first + static_cast<uint32_t>(done));
