@@ -1,0 +1,179 @@
+"""Corpora and tokenization for the benchmarks: text in, cached memory-mapped token arrays out.
+
+Corpora:
+- ``embedded``: the running interpreter's own standard-library sources (a deterministic, sorted file
+  list, capped in size, with a recorded sha256 fingerprint): no download on any machine.
+- a local text file or folder (``--data PATH``; folders: every ``.txt``/``.md``/``.py`` file, sorted).
+- ``wikitext-2`` / ``wikitext-103`` through Hugging Face ``datasets`` for users who are online.
+
+Tokenizers: ``bytes`` (vocabulary 256) or a byte-level BPE trained with Hugging Face ``tokenizers`` on the
+training split, cached on disk under the corpus fingerprint and vocabulary size. Token arrays are cached
+as ``.npy`` files and memory-mapped. The train/validation split is by position (the last
+``val_fraction`` of the text is validation), so it is deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TEXT_SUFFIXES = (".txt", ".md", ".py")
+WIKITEXT = {"wikitext-2": "wikitext-2-raw-v1", "wikitext-103": "wikitext-103-raw-v1"}
+
+
+def cache_dir() -> Path:
+    """Where tokenizers and token arrays are cached: ``$EFFOPT_CACHE`` or ``~/.cache/efficient_optim``."""
+    return Path(os.environ.get("EFFOPT_CACHE", Path.home() / ".cache" / "efficient_optim"))
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Text with a name and a fingerprint (sha256 of the text) that keys every cache built from it."""
+
+    name: str
+    text: str
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()[:16]
+
+
+def embedded_corpus(limit_bytes: int = 4_000_000) -> Corpus:
+    """The Python standard library's own top-level ``.py`` sources, sorted by name, first ``limit_bytes``."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, size = [], 0
+    for f in sorted(root.glob("*.py")):
+        t = f.read_text(encoding="utf-8", errors="replace")
+        parts.append(t)
+        size += len(t)
+        if size >= limit_bytes:
+            break
+    return Corpus("embedded-stdlib", "".join(parts)[:limit_bytes])
+
+
+def local_corpus(path: str | Path) -> Corpus:
+    """A text file, or every text file under a folder (sorted); ``FileNotFoundError`` naming the path."""
+    p = Path(path)
+    if p.is_file():
+        return Corpus(p.name, p.read_text(encoding="utf-8", errors="replace"))
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no text files ({', '.join(TEXT_SUFFIXES)}) under {p}")
+        return Corpus(p.name, "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files))
+    raise FileNotFoundError(f"data path not found: {p}")
+
+
+def wikitext_corpus(name: str) -> Corpus:
+    """``wikitext-2`` or ``wikitext-103`` (train + validation text) through Hugging Face ``datasets``."""
+    if name not in WIKITEXT:
+        raise ValueError(f"unknown corpus {name!r}; choose one of {sorted(WIKITEXT)}")
+    try:
+        import datasets
+    except ImportError:
+        raise RuntimeError(
+            f"{name} needs Hugging Face datasets: pip install 'efficient_optim[data]' (and a network connection), "
+            "or pass a local text file with --data PATH"
+        ) from None
+    try:
+        ds = datasets.load_dataset("wikitext", WIKITEXT[name])
+    except Exception as exc:  # offline, hub unreachable, no cached copy
+        raise RuntimeError(
+            f"could not load {name} ({type(exc).__name__}: {str(exc)[:200]}); it needs a network connection "
+            "the first time (then it is cached by datasets). Offline, use the embedded corpus or --data PATH"
+        ) from None
+    return Corpus(name, "".join(ds["train"]["text"]) + "".join(ds["validation"]["text"]))
+
+
+def get_corpus(spec: str | Path | None) -> Corpus:
+    """``None``/``"embedded"`` -> embedded corpus; ``wikitext-2``/``wikitext-103``; anything else a path."""
+    if spec is None or str(spec) == "embedded":
+        return embedded_corpus()
+    if str(spec) in WIKITEXT:
+        return wikitext_corpus(str(spec))
+    return local_corpus(spec)
+
+
+def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
+    """Deterministic split by position: the last ``val_fraction`` of the text is validation."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    cut = int(len(text) * (1 - val_fraction))
+    return text[:cut], text[cut:]
+
+
+def get_tokenizer(corpus: Corpus, vocab_size: int, val_fraction: float = 0.1):
+    """A byte-level BPE tokenizer trained on the corpus' training split, cached on disk.
+
+    Returns a ``tokenizers.Tokenizer``. The cache key is the corpus fingerprint and ``vocab_size``; a second
+    call loads the saved file instead of training.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257:
+        raise ValueError(f"a BPE vocabulary needs more than the 256 byte symbols, got vocab_size={vocab_size}")
+    path = cache_dir() / "tokenizers" / f"{corpus.fingerprint}-bpe{vocab_size}.json"
+    if path.is_file():
+        return Tokenizer.from_file(str(path))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    train_text, _ = split_text(corpus.text, val_fraction)
+    chunk = 1 << 16
+    tok.train_from_iterator((train_text[i : i + chunk] for i in range(0, len(train_text), chunk)), trainer=trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tok.save(str(tmp))
+    os.replace(tmp, path)
+    return tok
+
+
+@dataclass(frozen=True)
+class TokenData:
+    """Memory-mapped token arrays of one corpus under one tokenizer.
+
+    Args:
+        train, val: uint16/int32 token arrays (memory-mapped from the cache).
+        vocab_size: size of the vocabulary (256 for ``bytes``).
+        corpus: the corpus' name; fingerprint: its fingerprint.
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    corpus: str
+    fingerprint: str
+
+
+def token_data(corpus: Corpus, tokenizer: str = "bytes", vocab_size: int = 4096, val_fraction: float = 0.1) -> TokenData:
+    """Tokenize the corpus (``tokenizer`` = ``"bytes"`` or ``"bpe"``) into cached, memory-mapped arrays."""
+    if tokenizer not in ("bytes", "bpe"):
+        raise ValueError(f"tokenizer must be 'bytes' or 'bpe', got {tokenizer!r}")
+    vocab = 256 if tokenizer == "bytes" else vocab_size
+    key = f"{corpus.fingerprint}-{tokenizer}{vocab if tokenizer == 'bpe' else ''}-val{val_fraction}"
+    folder = cache_dir() / "tokens" / key
+    arrays = {}
+    if not (folder / "val.npy").is_file():
+        train_text, val_text = split_text(corpus.text, val_fraction)
+        if tokenizer == "bytes":
+            encode = lambda t: np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.uint16)  # noqa: E731
+        else:
+            tok = get_tokenizer(corpus, vocab_size, val_fraction)
+            dtype = np.uint16 if vocab <= 65535 else np.int32
+            encode = lambda t: np.asarray(tok.encode(t).ids, dtype=dtype)  # noqa: E731
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, text in (("train", train_text), ("val", val_text)):
+            tmp = folder / f"{split}.tmp.npy"
+            np.save(tmp, encode(text))
+            os.replace(tmp, folder / f"{split}.npy")  # val last: its presence marks a complete cache
+    for split in ("train", "val"):
+        arrays[split] = np.load(folder / f"{split}.npy", mmap_mode="r")
+    return TokenData(arrays["train"], arrays["val"], vocab, corpus.name, corpus.fingerprint)

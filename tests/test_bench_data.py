@@ -1,0 +1,82 @@
+"""Benchmark data pipeline: corpora, deterministic split, cached tokenizer and token arrays, clear errors."""
+
+import builtins
+import sys
+
+import numpy as np
+import pytest
+
+from efficient_optim.bench import data
+
+
+@pytest.fixture(autouse=True)
+def tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFOPT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_embedded_corpus_is_deterministic_and_fingerprinted():
+    a, b = data.embedded_corpus(200_000), data.embedded_corpus(200_000)
+    assert a.text == b.text and len(a.text) == 200_000
+    assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 16
+    assert "def " in a.text
+
+
+def test_local_file_and_folder(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "b.txt").write_text("second")
+    (tmp_path / "d" / "a.txt").write_text("first")
+    (tmp_path / "d" / "skip.bin").write_bytes(b"\x00\x01")
+    assert data.local_corpus(tmp_path / "d").text == "first\nsecond"
+    assert data.local_corpus(tmp_path / "d" / "b.txt").text == "second"
+    with pytest.raises(FileNotFoundError, match="data path not found"):
+        data.get_corpus(tmp_path / "missing.txt")
+
+
+def test_split_is_by_position_and_rejects_bad_fractions():
+    train, val = data.split_text("abcdefghij", 0.2)
+    assert (train, val) == ("abcdefgh", "ij")
+    with pytest.raises(ValueError, match="val_fraction"):
+        data.split_text("abc", 1.5)
+
+
+def test_wikitext_without_datasets_says_what_to_do(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "datasets", raising=False)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(RuntimeError, match="pip install"):
+        data.get_corpus("wikitext-2")
+
+
+def test_byte_tokens_are_cached_and_memory_mapped(tmp_cache):
+    corpus = data.Corpus("t", "hello world " * 100)
+    first = data.token_data(corpus, "bytes")
+    assert isinstance(first.train, np.memmap) and first.vocab_size == 256
+    assert bytes(first.train[:5].astype(np.uint8)) == b"hello"
+    assert len(first.train) + len(first.val) == len(corpus.text)
+    second = data.token_data(corpus, "bytes")
+    assert np.array_equal(first.val, second.val)
+
+
+def test_bpe_tokenizer_is_trained_once_then_loaded(tmp_cache):
+    corpus = data.Corpus("t", "the quick brown fox jumps over the lazy dog. " * 300)
+    tok = data.get_tokenizer(corpus, 300)
+    saved = list((tmp_cache / "tokenizers").glob("*.json"))
+    assert len(saved) == 1
+    mtime = saved[0].stat().st_mtime_ns
+    again = data.get_tokenizer(corpus, 300)
+    assert saved[0].stat().st_mtime_ns == mtime
+    text = "the lazy fox"
+    assert tok.encode(text).ids == again.encode(text).ids
+    assert again.decode(again.encode(text).ids) == text
+    assert len(tok.encode(text).ids) < len(text)  # merges were learned
+    td = data.token_data(corpus, "bpe", vocab_size=300)
+    assert td.vocab_size == 300 and int(td.train.max()) < 300
+    with pytest.raises(ValueError, match="vocab_size"):
+        data.get_tokenizer(corpus, 100)
