@@ -1,4 +1,4 @@
-"""The ``effopt`` command line: ``effopt list`` and ``effopt bench``."""
+"""The ``effopt`` command line: ``list``, ``bench``, ``suite`` and ``report``."""
 
 from __future__ import annotations
 
@@ -15,9 +15,59 @@ def _list(argv) -> int:
     return 0
 
 
+def _bench(argv) -> int:
+    from .bench.quick import main
+
+    return main(argv)
+
+
+def _suite(argv) -> int:
+    from .bench.suites import main
+
+    return main(argv)
+
+
+def _report(argv) -> int:
+    import argparse
+    from pathlib import Path
+
+    from .bench.report import build_report, terminal_table
+    from .bench.runner import collect_summary, load_plan
+
+    ap = argparse.ArgumentParser(prog="effopt report", description="Rebuild report.md, summary.json and the plots of a run folder.")
+    ap.add_argument("folder", type=Path, help="an output folder of effopt bench or effopt suite")
+    args = ap.parse_args(argv)
+    try:
+        plan = load_plan(args.folder)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .bench.metrics import write_json_atomic
+
+    old = args.folder / "summary.json"
+    command = None
+    if old.is_file():
+        import json
+
+        command = json.loads(old.read_text()).get("command")
+    summary = collect_summary(args.folder, plan, command)
+    write_json_atomic(old, summary)
+    if (args.folder / "suite.json").is_file():
+        from .bench.suites import rebuild_suite_report
+
+        path = rebuild_suite_report(args.folder)
+    else:
+        path = build_report(args.folder, "effopt bench")
+    print(terminal_table(summary["runs"]))
+    print(f"\nwrote {path}")
+    return 0
+
+
 COMMANDS = {
     "list": ("registered optimizers and whether each is installed", _list),
-    "bench": ("quick optimizer comparison on a small LM (see effopt bench --help)", None),
+    "bench": ("compare optimizers on a small LM (see effopt bench --help)", _bench),
+    "suite": ("run a research protocol with verdicts: effopt suite {p1,p7,...} (see effopt suite --help)", _suite),
+    "report": ("rebuild report.md and plots from a run folder: effopt report DIR", _report),
 }
 
 
@@ -25,18 +75,14 @@ def main(argv=None) -> int:
     """Entry point of the ``effopt`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: effopt {list,bench} [options]\n")
+        print("usage: effopt {" + ",".join(COMMANDS) + "} [options]\n")
         for name, (text, _) in COMMANDS.items():
             print(f"  {name:8s} {text}")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    if argv[0] == "bench":
-        from .bench.quick import main as bench_main
-
-        return bench_main(argv[1:])
-    return _list(argv[1:])
+    return COMMANDS[argv[0]][1](argv[1:])
 
 
 if __name__ == "__main__":

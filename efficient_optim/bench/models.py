@@ -12,6 +12,7 @@ grey images of handwritten digits, 1,797 samples, shipped with scikit-learn: no 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -44,11 +45,23 @@ LM_PRESETS = {
 }
 
 
-def build_lm(preset: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
-    """A freshly initialized causal LM of the named preset with ``vocab_size`` tokens (seeded init)."""
+def lm_preset(preset: str, **overrides) -> LMPreset:
+    """The named preset with any of ``layers``, ``width``, ``heads``, ``context`` replaced (``None`` keeps)."""
     if preset not in LM_PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(LM_PRESETS)}")
-    s = LM_PRESETS[preset]
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(LM_PRESETS)} or digits-cnn")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    s = dataclasses.replace(LM_PRESETS[preset], **changes)
+    if s.width % s.heads:
+        raise ValueError(f"width {s.width} is not divisible by heads {s.heads}")
+    return s
+
+
+def build_lm(preset: str, vocab_size: int, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A freshly initialized causal LM of the named preset with ``vocab_size`` tokens (seeded init).
+
+    ``overrides``: ``layers``, ``width``, ``heads``, ``context`` to change the preset's shape.
+    """
+    s = lm_preset(preset, **overrides)
     torch.manual_seed(seed)
     if s.family == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel

@@ -1,0 +1,94 @@
+"""Command-line options shared by ``effopt bench`` and ``effopt suite``, and checks that fail early."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+from ..registry import optimizer_entry
+from .config import RunConfig, parse_spec
+from .data import WIKITEXT
+
+
+class UsageError(ValueError):
+    """Bad command-line input: printed as ``error: ...`` with exit code 2."""
+
+
+def add_run_options(ap: argparse.ArgumentParser, defaults: RunConfig) -> None:
+    """Model, data, schedule and output options (defaults from ``defaults``)."""
+    d = defaults
+    ap.add_argument("--data", default=d.data,
+                    help="embedded (default: the Python standard library's sources, no download), wikitext-2, "
+                    "wikitext-103 (need datasets + network), or a text file / folder")  # fmt: skip
+    ap.add_argument("--model", default=d.model, help=f"model preset: gpt2-tiny, gpt2-mini, gpt2-small, llama-60m, digits-cnn (default {d.model})")
+    ap.add_argument("--layers", type=int, default=d.layers, help="override the preset's number of layers")
+    ap.add_argument("--width", type=int, default=d.width, help="override the preset's hidden size")
+    ap.add_argument("--heads", type=int, default=d.heads, help="override the preset's attention heads")
+    ap.add_argument("--context", "--ctx", type=int, default=d.context, help=f"sequence length (default {d.context or 'the preset'})")
+    ap.add_argument("--tokenizer", choices=("bytes", "bpe"), default=d.tokenizer, help="bytes (default) or a byte-level BPE trained on the corpus")
+    ap.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"BPE vocabulary size (default {d.vocab_size})")
+    ap.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per run (default {d.steps})")
+    ap.add_argument("--batch", "--batch-size", type=int, default=d.batch_size, help=f"sequences per micro-batch (default {d.batch_size})")
+    ap.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step (default 1)")
+    ap.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate, AdamW scale (default {d.lr}); Lion/SGD are scaled, see docs/bench.md")
+    ap.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help=f"cosine floor as a fraction of --lr (default {d.min_lr_ratio})")
+    ap.add_argument("--warmup", type=int, default=d.warmup_steps, help="warm-up steps (default 5%% of --steps)")
+    ap.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"decoupled weight decay (default {d.weight_decay})")
+    ap.add_argument("--clip", type=float, default=d.clip, help=f"gradient-norm clipping, 0 = off (default {d.clip})")
+    ap.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps (default: at the end only)")
+    ap.add_argument("--eval-batches", type=int, default=d.eval_batches, help=f"validation batches per evaluation (default {d.eval_batches})")
+    ap.add_argument("--target-ppl", type=float, default=d.target_ppl, help="record the first evaluated step at or below this validation perplexity")
+    ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"resumable checkpoint every N steps (default {d.checkpoint_every})")
+    ap.add_argument("--device", default=d.device, help="cpu, cuda or auto (default auto)")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default runs/<command>/<date-time>)")
+    ap.add_argument("--resume", action="store_true", help="continue the runs in --out: finished runs are skipped, unfinished ones resume")
+    ap.add_argument("--log", default="", help="extra logging: tensorboard, wandb (offline) or both, comma-separated")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def base_config(args: argparse.Namespace) -> RunConfig:
+    """A ``RunConfig`` from the parsed options; ``UsageError`` for bad data paths or values."""
+    data = str(args.data)
+    if data not in ("embedded", *WIKITEXT) and not Path(data).exists():
+        raise UsageError(f"data path not found: {data} (use embedded, wikitext-2, wikitext-103 or an existing file/folder)")
+    cfg = RunConfig(data=data, model=args.model, layers=args.layers, width=args.width, heads=args.heads,
+                    context=args.context, tokenizer=args.tokenizer, vocab_size=args.vocab_size, steps=args.steps,
+                    batch_size=args.batch, grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+                    warmup_steps=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
+                    eval_every=args.eval_every, eval_batches=args.eval_batches, target_ppl=args.target_ppl,
+                    checkpoint_every=args.checkpoint_every, device=args.device)  # fmt: skip
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return cfg
+
+
+def check_optimizers(specs: list[str]) -> None:
+    """``UsageError`` for an unknown name, a malformed spec or a missing optional package."""
+    for spec in specs:
+        try:
+            name, _ = parse_spec(spec)
+            entry = optimizer_entry(name)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if not entry.available():
+            raise UsageError(f"optimizer {name!r} needs the package {entry.requires!r} (pip install {entry.requires})")
+
+
+def output_folder(args: argparse.Namespace, command: str) -> Path:
+    """``--out``, or a new ``runs/<command>/<date-time>`` folder (``--resume`` needs an explicit ``--out``)."""
+    if args.out is not None:
+        return args.out
+    if args.resume:
+        raise UsageError("--resume needs --out: the folder of the runs to continue")
+    return Path("runs") / command / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def log_names(args: argparse.Namespace) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in args.log.split(",") if n.strip())
+    for n in names:
+        if n not in ("tensorboard", "wandb"):
+            raise UsageError(f"unknown --log {n!r}; choose tensorboard, wandb or both")
+    return names
