@@ -21,16 +21,17 @@ def test_bench_runs_end_to_end_and_writes_a_summary(tmp_path, capsys):
     assert rc == 0
     runs = json.loads((tmp_path / "run" / "summary.json").read_text())["runs"]
     assert [r["optimizer"] for r in runs] == ["adamw", "qadamw8"]
-    assert all(r["val_loss"] > 0 and r["state_bytes"] > 0 for r in runs)
+    assert all(r["final_val_loss"] > 0 and r["state_bytes"] > 0 for r in runs)
     assert runs[1]["state_bytes"] < runs[0]["state_bytes"]
-    assert "vs adamw" in capsys.readouterr().out
+    assert "vs AdamW" in capsys.readouterr().out
+    assert (tmp_path / "run" / "report.md").is_file()
 
 
 @pytest.mark.parametrize(
     "argv,message",
     [
         (["bench", "--optimizers", "adamw9"], "unknown optimizer 'adamw9'"),
-        (["bench", "--data", "/no/such/file.txt"], "data file not found"),
+        (["bench", "--data", "/no/such/file.txt"], "data path not found"),
         (["frobnicate"], "unknown command"),
     ],
 )
