@@ -6,10 +6,13 @@ policy (see DESIGN.md). Public entry points:
 - ``QAdamW``: AdamW with block-wise quantized (8/4-bit) or dense (32/16-bit) moments.
 - ``create_optimizer(name, params_or_model, **kw)`` / ``list_optimizers()``: the registry.
 - ``state_bytes(optimizer)``, ``state_breakdown(...)``, ``bytes_per_param(...)``: exact state memory.
+- ``training_bytes(model, optimizer)``: weights + gradients + states + weight corrections.
+- ``enable_gradient_release(model, optimizer)``: step each parameter during backward and free its gradient.
 """
 
 from .optim import QAdamW
-from .profiling import bytes_per_param, state_breakdown, state_bytes
+from .optim.gradient_release import enable_gradient_release
+from .profiling import bytes_per_param, state_breakdown, state_bytes, training_bytes
 from .registry import create_optimizer, list_optimizers, register_optimizer
 
 __version__ = "0.1.0"
@@ -18,8 +21,10 @@ __all__ = [
     "QAdamW",
     "bytes_per_param",
     "create_optimizer",
+    "enable_gradient_release",
     "list_optimizers",
     "register_optimizer",
     "state_breakdown",
     "state_bytes",
+    "training_bytes",
 ]

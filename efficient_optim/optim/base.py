@@ -11,15 +11,30 @@ from abc import abstractmethod
 import torch
 
 from ..kernels.cpu import load_cpu_kernels
+from ..quant.rounding import mix_salt
 from ..state import StateCodec
+from . import master_weights
 
 NONFINITE_POLICIES = ("skip", "raise")
+_WEIGHT_SALT_ID = 7  # stochastic rounding of weights draws numbers apart from the states' (ids 0, 1, ...)
 
 
 class CodecOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose states are stored through codecs chosen per parameter.
 
-    Subclasses implement ``codecs(param, group)`` (state name -> codec) and ``validate_group(group)``.
+    Subclasses implement ``codecs(param, group)`` (state name -> codec), ``validate_group(group)`` and
+    ``update(work)`` (the rule applied to the parameters of one step); ``step()`` is shared: it checks the
+    gradients, routes low-precision parameters through their fp32 master weights (``correction_bits``,
+    ``weight_rounding``: see ``optim.master_weights``) and calls ``update``.
+
+    Every optimizer of the library accepts, per group:
+
+    - ``correction_bits``: None (default), 8 or 16. For bf16/fp16 parameters, keep the rounding residual
+      of the fp32 master weight in that many bits per parameter, so updates smaller than the parameter's
+      precision are not lost (bf16 + 16 bits = fp32 precision in 4 bytes instead of 6).
+    - ``weight_rounding``: how an updated low-precision parameter is rounded when ``correction_bits`` is
+      None: ``"nearest"`` (default, what ``copy_`` does), ``"stochastic"`` (unbiased, no memory) or
+      ``"kahan"`` (a compensation buffer of the parameter's dtype).
 
     Non-finite gradients: before any state or parameter is touched, every gradient of the step is
     checked. With ``nonfinite="skip"`` (default) the whole step is skipped (no parameter, state or step
@@ -31,6 +46,9 @@ class CodecOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict):
         self.skipped_steps = 0
+        self._release = None  # the GradientRelease handle while gradient release is on
+        defaults.setdefault("correction_bits", None)
+        defaults.setdefault("weight_rounding", "nearest")
         super().__init__(params, defaults)
 
     # --------------------------------------------------------------------------------- subclass API
@@ -42,10 +60,19 @@ class CodecOptimizer(torch.optim.Optimizer):
     def validate_group(self, group: dict) -> None:
         """Raise ``ValueError`` naming any invalid hyperparameter of ``group``."""
 
+    @abstractmethod
+    def update(self, work: list) -> None:
+        """Apply the rule to ``work = [(group, [(param_index, param, grad), ...]), ...]`` (finite gradients).
+
+        Parameters seen here are fp32 views for low-precision parameters with a master-weight mode.
+        """
+
     # ----------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        self.validate_group(self.param_groups[-1])
+        group = self.param_groups[-1]
+        master_weights.validate(group["correction_bits"], group["weight_rounding"])
+        self.validate_group(group)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -54,8 +81,82 @@ class CodecOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("_release", None)
 
     # -------------------------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+        """
+        if self._release is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}: gradient release is on, parameters are stepped during backward; "
+                "do not call step() (call handle.remove() to go back to normal steps)"
+            )
+        loss, work = self._begin_step(closure)
+        if work is not None:
+            self._apply(work)
+        return loss
+
+    def _apply(self, work: list) -> None:
+        """``update`` the plain parameters together, and each master-weight parameter through its fp32 view."""
+        plain = []
+        for group, items in work:
+            direct = []
+            for item in items:
+                if master_weights.uses_master(item[1], group):
+                    self._update_through_master(group, item)
+                else:
+                    direct.append(item)
+            plain.append((group, direct))
+        self.update(plain)
+
+    def _update_through_master(self, group: dict, item: tuple) -> None:
+        index, p, g = item
+        state = self.state[p]
+        master = master_weights.open_master(p, state, group)
+        low = p.data
+        p.data = master  # the rule sees (and its states are shaped by) an fp32 parameter
+        try:
+            self.update([(group, [(index, p, g.float())])])
+        finally:
+            p.data = low
+        step = int(state["step"].item()) if "step" in state else 0
+        salt = mix_salt(group.get("seed", 0), index, _WEIGHT_SALT_ID, step)
+        p.copy_(master_weights.close_master(p, master, state, group, salt))
+
+    def _param_index(self, param: torch.Tensor) -> tuple[dict, int]:
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p is param:
+                    return group, index
+                index += 1
+        raise KeyError("parameter is not handled by this optimizer")
+
+    @torch.no_grad()
+    def step_param(self, param: torch.Tensor) -> None:
+        """Step one parameter from its current gradient (used by gradient release).
+
+        The non-finite-gradient policy applies to this parameter alone: with ``"skip"`` only its update is
+        skipped (``skipped_steps`` counts it).
+        """
+        if param.grad is None:
+            return
+        group, index = self._param_index(param)
+        work = [(group, [(index, param, param.grad)])]
+        if self._first_nonfinite(work) is not None:
+            if self.defaults.get("nonfinite", "skip") == "raise":
+                raise FloatingPointError(f"{type(self).__name__}: gradient of parameter #{index} contains NaN or Inf")
+            self.skipped_steps += 1
+            warnings.warn(f"{type(self).__name__}: gradient of parameter #{index} contains NaN or Inf; its update "
+                          "was skipped", RuntimeWarning, stacklevel=2)  # fmt: skip
+            return
+        self._apply(work)
+
     def _begin_step(self, closure):
         """Run the closure, check gradients; returns ``(loss, work)`` with ``work = None`` if skipped.
 
@@ -114,7 +215,7 @@ class CodecOptimizer(torch.optim.Optimizer):
 
     def _init_or_check_state(self, p: torch.Tensor, group: dict, codecs: dict[str, StateCodec], index: int) -> dict:
         state = self.state[p]
-        if not state:
+        if "step" not in state:  # (weight corrections may already be there)
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             for sname, codec in codecs.items():
                 codec.init(state, sname, p)

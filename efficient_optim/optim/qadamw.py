@@ -60,6 +60,10 @@ class QAdamW(CodecOptimizer):
             ``"raise"`` ``FloatingPointError``. Either way no state or parameter is changed.
         fused: use the compiled CPU kernel for quantized moments: None (default) when it is available,
             False never (PyTorch reference path), True always (error if it cannot be built).
+        correction_bits: for bf16/fp16 parameters, bits of the stored rounding residual of the fp32 master
+            weight: None (default, no master weight), 8 or 16 (see ``optim.master_weights``).
+        weight_rounding: rounding of low-precision parameters without correction bits: ``"nearest"``
+            (default), ``"stochastic"`` or ``"kahan"``.
 
     The fused kernel covers fp32 CPU parameters whose two moments are both quantized with one block size;
     other combinations use the reference path. Dense fp32 moments use ``torch._fused_adamw_``.
@@ -88,6 +92,8 @@ class QAdamW(CodecOptimizer):
         seed: int = 0,
         nonfinite: str = "skip",
         fused: bool | None = None,
+        correction_bits: int | None = None,
+        weight_rounding: str = "nearest",
     ):
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         if fused not in (None, True, False):
@@ -99,6 +105,7 @@ class QAdamW(CodecOptimizer):
             m_map=m_map, v_map=v_map, m_block_size=m_block_size, v_block_size=v_block_size, rounding=rounding,
             m_rounding=m_rounding, v_rounding=v_rounding, scale_dtype=scale_dtype,
             min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite, fused=fused,
+            correction_bits=correction_bits, weight_rounding=weight_rounding,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -149,16 +156,7 @@ class QAdamW(CodecOptimizer):
     def codecs(self, param, group):
         return {"exp_avg": self._moment_codec(group, "m", param), "exp_avg_sq": self._moment_codec(group, "v", param)}
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step.
-
-        Args:
-            closure: optional callable that re-evaluates the model and returns the loss.
-        """
-        loss, work = self._begin_step(closure)
-        if work is None:
-            return loss
+    def update(self, work):
         for group, items in work:
             dense = ([], [], [], [], [])
             for index, p, g in items:
@@ -177,7 +175,6 @@ class QAdamW(CodecOptimizer):
                     *dense[:4], [], dense[4], lr=group["lr"], beta1=beta1, beta2=beta2,
                     weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False,
                 )  # fmt: skip
-        return loss
 
     def _salt(self, group: dict, index: int, state_name: str, step: int) -> int:
         return mix_salt(group["seed"], index, _STATE_IDS[state_name], step)
