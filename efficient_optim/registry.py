@@ -128,6 +128,7 @@ def _torchao(cls_name: str):
 register_optimizer("adamw", _torch_adamw, "torch.optim.AdamW (fp32 states, 8 B/param)")
 register_optimizer("adam", _torch_adam, "torch.optim.Adam (fp32 states, 8 B/param)")
 register_optimizer("sgd", _torch_sgd, "torch.optim.SGD with momentum 0.9 (4 B/param)")
+register_optimizer("qadamw", _qadamw(8), "efficient_optim QAdamW, any bits=32|16|8|4 (default 8), all options")
 register_optimizer("qadamw8", _qadamw(8), "efficient_optim QAdamW, 8-bit block-quantized moments (~2 B/param)")
 register_optimizer("qadamw4", _qadamw(4), "efficient_optim QAdamW, 4-bit block-quantized moments (~1 B/param)")
 register_optimizer("adamw_bnb_8bit", _bnb("AdamW8bit"), "bitsandbytes AdamW8bit", requires="bitsandbytes")

@@ -77,6 +77,11 @@ class RunConfig:
         checkpoint_every: save a resumable checkpoint every N steps (``0``: never). Default 100.
         target_ppl: report the first evaluated step whose validation perplexity is at or below this.
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available). Default ``auto``.
+        param_dtype: dtype the model's parameters are stored in: ``float32`` (default), ``bfloat16`` or
+            ``float16`` (then the optimizer's ``correction_bits`` / ``weight_rounding`` decide how updates
+            are kept; e.g. ``qadamw8+correction_bits=16``).
+        grad_release: step each parameter during backward and free its gradient (our optimizers only;
+            needs ``clip=0`` and ``grad_accum=1``). Default False.
         settings: a label for the setting this run belongs to in a matrix (``default``).
     """
 
@@ -104,6 +109,8 @@ class RunConfig:
     checkpoint_every: int = 100
     target_ppl: float | None = None
     device: str = "auto"
+    param_dtype: str = "float32"
+    grad_release: bool = False
     settings: str = "default"
 
     def validate(self) -> None:
@@ -125,6 +132,13 @@ class RunConfig:
             raise ValueError("clip and weight_decay must be >= 0")
         if self.tokenizer not in ("bytes", "bpe"):
             raise ValueError(f"tokenizer must be 'bytes' or 'bpe', got {self.tokenizer!r}")
+        if self.param_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"param_dtype must be float32, bfloat16 or float16, got {self.param_dtype!r}")
+        if self.grad_release and (self.clip > 0 or self.grad_accum > 1):
+            raise ValueError(
+                "grad_release steps each parameter during backward: global clipping (clip > 0) and gradient "
+                "accumulation (grad_accum > 1) cannot work with it; set clip=0 and grad_accum=1"
+            )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu, cuda[:N] or auto, got {self.device!r}")
 

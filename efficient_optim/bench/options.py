@@ -41,6 +41,11 @@ def add_run_options(ap: argparse.ArgumentParser, defaults: RunConfig) -> None:
     ap.add_argument("--target-ppl", type=float, default=d.target_ppl, help="record the first evaluated step at or below this validation perplexity")
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"resumable checkpoint every N steps (default {d.checkpoint_every})")
     ap.add_argument("--device", default=d.device, help="cpu, cuda or auto (default auto)")
+    ap.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), default=d.param_dtype,
+                    help="store the model's weights in this dtype (default float32); pair bf16 with an optimizer's "
+                    "+correction_bits=8|16 or +weight_rounding=stochastic|kahan")  # fmt: skip
+    ap.add_argument("--grad-release", action="store_true", default=d.grad_release,
+                    help="step each parameter during backward and free its gradient (needs --clip 0)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="output folder (default runs/<command>/<date-time>)")
     ap.add_argument("--resume", action="store_true", help="continue the runs in --out: finished runs are skipped, unfinished ones resume")
     ap.add_argument("--log", default="", help="extra logging: tensorboard, wandb (offline) or both, comma-separated")
@@ -57,7 +62,8 @@ def base_config(args: argparse.Namespace) -> RunConfig:
                     batch_size=args.batch, grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                     warmup_steps=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
                     eval_every=args.eval_every, eval_batches=args.eval_batches, target_ppl=args.target_ppl,
-                    checkpoint_every=args.checkpoint_every, device=args.device)  # fmt: skip
+                    checkpoint_every=args.checkpoint_every, device=args.device, param_dtype=args.param_dtype,
+                    grad_release=args.grad_release)  # fmt: skip
     try:
         cfg.validate()
     except ValueError as exc:

@@ -364,3 +364,6 @@ def main(argv=None) -> int:
         print(f"  [{v['verdict']}] {v['criterion']} — {v['subject']}: {v['measured']} {v['reason']}")
     print(f"\nwrote {report}")
     return 1 if summary["errors"] else 0
+
+
+from . import suite_p8  # noqa: E402,F401  (registers P8; it builds on the classes above)

@@ -102,14 +102,14 @@ class DigitsTask:
 
     def loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(model(x).float(), y)
+        return F.cross_entropy(model(x.to(model.head[-1].weight.dtype)).float(), y)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, autocast) -> dict:
         was_training = model.training
         model.eval()
         with autocast():
-            logits = model(self.xv).float()
+            logits = model(self.xv.to(model.head[-1].weight.dtype)).float()
         model.train(was_training)
         val = F.cross_entropy(logits, self.yv).item()
         acc = (logits.argmax(-1) == self.yv).float().mean().item()

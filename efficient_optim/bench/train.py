@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..profiling import state_bytes
+from ..optim.gradient_release import enable_gradient_release
+from ..profiling import state_bytes, training_bytes
 from ..registry import create_optimizer
 from .config import RunConfig
 from .metrics import (
@@ -129,11 +130,12 @@ def train_run(cfg: RunConfig, run_dir: Path, *, loggers=(), progress=None, inter
     device = resolve_device(cfg.device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     task = build_task(cfg, device)
-    model = task.build_model().to(device)
+    model = task.build_model().to(device=device, dtype=getattr(torch, cfg.param_dtype))
     params = [p for p in model.parameters() if p.requires_grad]
     name, kwargs = cfg.optimizer_kwargs()
     opt = create_optimizer(name, model, **kwargs)
     _set_optimizer_seed(opt, cfg, kwargs)
+    release = enable_gradient_release(model, opt) if cfg.grad_release else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     log = MetricsLog(run_dir / "metrics.jsonl")
@@ -164,6 +166,7 @@ def train_run(cfg: RunConfig, run_dir: Path, *, loggers=(), progress=None, inter
 
     for step in range(aux["step"], cfg.steps):
         log_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        before = [p.detach().clone() for p in params] if log_step else None
         t0 = time.perf_counter()
         loss_value = 0.0
         for _ in range(cfg.grad_accum):
@@ -171,8 +174,11 @@ def train_run(cfg: RunConfig, run_dir: Path, *, loggers=(), progress=None, inter
                 loss = task.loss(model, task.train_batch(gen)) / cfg.grad_accum
             loss.backward()
             loss_value += loss.item()
-        grad_bytes = max(grad_bytes, tensor_bytes(p.grad for p in params))
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if release is None:
+            grad_bytes = max(grad_bytes, tensor_bytes(p.grad for p in params))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        else:  # the parameters were stepped during backward; their gradients are gone
+            grad_norm = float("nan")
         if aux["initial_loss"] is None:
             aux["initial_loss"] = loss_value
         if not math.isfinite(loss_value) or loss_value > DIVERGENCE_FACTOR * aux["initial_loss"]:
@@ -180,9 +186,9 @@ def train_run(cfg: RunConfig, run_dir: Path, *, loggers=(), progress=None, inter
             aux["diverged_at_step"] = step + 1
             log.write({"kind": "diverged", "step": step + 1, "train_loss": loss_value if math.isfinite(loss_value) else None})
             break
-        before = [p.detach().clone() for p in params] if log_step else None
         t1 = time.perf_counter()
-        opt.step()
+        if release is None:
+            opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t2 = time.perf_counter()
@@ -196,8 +202,9 @@ def train_run(cfg: RunConfig, run_dir: Path, *, loggers=(), progress=None, inter
             aux["step_times"].append(step_s)
             aux["opt_times"].append(opt_s)
         aux["losses"] = (aux["losses"] + [loss_value])[-window:]
-        aux["grad_norms"].append(grad_norm)
-        aux["clipped"] += int(grad_norm > clip)
+        if release is None:
+            aux["grad_norms"].append(grad_norm)
+            aux["clipped"] += int(grad_norm > clip)
         since_log.append(loss_value)
         aux["step"] = step + 1
 
@@ -205,7 +212,8 @@ def train_run(cfg: RunConfig, run_dir: Path, *, loggers=(), progress=None, inter
             ratio = update_ratio(before, params)
             aux["update_ratios"].append(ratio)
             record = {"kind": "train", "step": step + 1, "train_loss": sum(since_log) / len(since_log),
-                      "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, "clipped": grad_norm > clip,
+                      "lr": sched.get_last_lr()[0], "grad_norm": grad_norm if release is None else None,
+                      "clipped": grad_norm > clip,
                       "update_ratio": ratio, "step_time_ms": step_s * 1e3, "opt_time_ms": opt_s * 1e3}  # fmt: skip
             record.update(_lowrank_summary(opt))
             log.write(record)
@@ -241,6 +249,9 @@ def train_run(cfg: RunConfig, run_dir: Path, *, loggers=(), progress=None, inter
             aux["steps_to_target"] = aux["step"]
     sbytes = state_bytes(opt)
     pbytes = tensor_bytes(params)
+    tbytes = training_bytes(model, opt)
+    if release is not None:
+        grad_bytes = tbytes["grads"]  # the largest single gradient: the others are freed as they are stepped
     step_ms = median(aux["step_times"])
     gn_mean, gn_std = mean_std(aux["grad_norms"])
     row = {
@@ -254,6 +265,8 @@ def train_run(cfg: RunConfig, run_dir: Path, *, loggers=(), progress=None, inter
         "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                               else pbytes + grad_bytes + sbytes),
         "peak_memory_kind": "cuda_allocator" if device.type == "cuda" else "params+grads+states",
+        "correction_bytes": tbytes["corrections"], "param_dtype": cfg.param_dtype, "grad_release": cfg.grad_release,
+        "training_bytes_per_param": (pbytes + grad_bytes + sbytes) / max(1, sum(p.numel() for p in params)),
         "peak_rss_bytes": peak_rss_bytes(), "peak_rss_is_per_run": rss_reset,
         "step_time_ms": step_ms * 1e3 if step_ms else None,
         "optimizer_step_time_ms": median(aux["opt_times"]) * 1e3 if aux["opt_times"] else None,

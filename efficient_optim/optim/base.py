@@ -124,8 +124,10 @@ class CodecOptimizer(torch.optim.Optimizer):
             self.update([(group, [(index, p, g.float())])])
         finally:
             p.data = low
-        step = int(state["step"].item()) if "step" in state else 0
-        salt = mix_salt(group.get("seed", 0), index, _WEIGHT_SALT_ID, step)
+        salt = 0
+        if group.get("weight_rounding") == "stochastic":
+            step = int(state["step"].item()) if "step" in state else 0
+            salt = mix_salt(group.get("seed", 0), index, _WEIGHT_SALT_ID, step)
         p.copy_(master_weights.close_master(p, master, state, group, salt))
 
     def _param_index(self, param: torch.Tensor) -> tuple[dict, int]:

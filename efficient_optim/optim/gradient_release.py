@@ -52,6 +52,9 @@ class GradientRelease:
     def _step(self, param: torch.Tensor) -> None:
         self.optimizer.step_param(param)
         param.grad = None
+        # LR schedulers check this flag (set by optimizer.step) to warn about a scheduler stepped before
+        # any optimizer step; here the optimizer did step, during backward
+        self.optimizer._opt_called = True
 
     def remove(self) -> None:
         """Remove the hooks; ``optimizer.step()`` works again."""

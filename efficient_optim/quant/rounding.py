@@ -33,11 +33,20 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+def _fmix32_int(h: int) -> int:
+    """``_fmix32`` on one Python integer (called per parameter per step: no tensor overhead)."""
+    h ^= h >> 16
+    h = (h * _M1) & _MASK32
+    h ^= h >> 13
+    h = (h * _M2) & _MASK32
+    return h ^ (h >> 16)
+
+
 def mix_salt(*parts: int) -> int:
     """Combine integers (seed, parameter index, state id, step) into one 32-bit salt."""
     h = 0x12345678
     for p in parts:
-        h = int(_fmix32(torch.tensor((h ^ (int(p) & _MASK32)) & _MASK32, dtype=torch.int64)))
+        h = _fmix32_int((h ^ (int(p) & _MASK32)) & _MASK32)
         h = (h + _GOLDEN) & _MASK32
     return h
 
