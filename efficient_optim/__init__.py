@@ -4,13 +4,15 @@ An optimizer here is an update rule x a storage codec for each of its states, ch
 policy (see DESIGN.md). Public entry points:
 
 - ``QAdamW``: AdamW with block-wise quantized (8/4-bit) or dense (32/16-bit) moments.
+- ``HybridAdam``: AdamW with a 4-bit first moment and a factored second moment (~0.52 B/param).
+- ``Adafactor``, ``Lion``, ``SGD``: the baselines' rules, their states through the same codecs.
 - ``create_optimizer(name, params_or_model, **kw)`` / ``list_optimizers()``: the registry.
 - ``state_bytes(optimizer)``, ``state_breakdown(...)``, ``bytes_per_param(...)``: exact state memory.
 - ``training_bytes(model, optimizer)``: weights + gradients + states + weight corrections.
 - ``enable_gradient_release(model, optimizer)``: step each parameter during backward and free its gradient.
 """
 
-from .optim import QAdamW
+from .optim import SGD, Adafactor, HybridAdam, Lion, QAdamW
 from .optim.gradient_release import enable_gradient_release
 from .profiling import bytes_per_param, state_breakdown, state_bytes, training_bytes
 from .registry import create_optimizer, list_optimizers, register_optimizer
@@ -18,6 +20,10 @@ from .registry import create_optimizer, list_optimizers, register_optimizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "SGD",
+    "Adafactor",
+    "HybridAdam",
+    "Lion",
     "QAdamW",
     "bytes_per_param",
     "create_optimizer",

@@ -107,6 +107,34 @@ def _torch_sgd(params, lr: float = 1e-2, momentum: float = 0.9, **kw):
     return torch.optim.SGD(params, lr=lr, momentum=momentum, **kw)
 
 
+def _ours(module: str, cls_name: str, **preset):
+    def make(params, **kw):
+        cls = getattr(importlib.import_module(f"efficient_optim.optim.{module}"), cls_name)
+        for key, value in preset.items():
+            kw.setdefault(key, value)
+        return cls(params, **kw)
+
+    return make
+
+
+def _adafactor(params, **kw):
+    from .optim.adafactor import Adafactor
+
+    if kw.get("lr") is not None:  # an explicit learning rate (the benchmark's schedule) replaces the relative step
+        kw.setdefault("relative_step", False)
+        kw.setdefault("scale_parameter", False)
+    return Adafactor(params, **kw)
+
+
+def _hf_adafactor(params, **kw):
+    from transformers.optimization import Adafactor
+
+    if kw.get("lr") is not None:
+        kw.setdefault("relative_step", False)
+        kw.setdefault("scale_parameter", False)
+    return Adafactor(params, **kw)
+
+
 def _bnb(cls_name: str):
     def make(params, **kw):
         import bitsandbytes as bnb
@@ -131,6 +159,14 @@ register_optimizer("sgd", _torch_sgd, "torch.optim.SGD with momentum 0.9 (4 B/pa
 register_optimizer("qadamw", _qadamw(8), "efficient_optim QAdamW, any bits=32|16|8|4 (default 8), all options")
 register_optimizer("qadamw8", _qadamw(8), "efficient_optim QAdamW, 8-bit block-quantized moments (~2 B/param)")
 register_optimizer("qadamw4", _qadamw(4), "efficient_optim QAdamW, 4-bit block-quantized moments (~1 B/param)")
+register_optimizer("hybrid_adam", _ours("hybrid_adam", "HybridAdam"),
+                   "efficient_optim HybridAdam: 4-bit m + factored v (~0.52 B/param on large matrices)")
+register_optimizer("lion", _ours("lion", "Lion"), "efficient_optim Lion, fp32 momentum (4 B/param)")
+register_optimizer("lion8", _ours("lion", "Lion", m_bits=8), "efficient_optim Lion, 8-bit momentum (~1 B/param)")
+register_optimizer("sgd8", _ours("sgd", "SGD", momentum_bits=8), "efficient_optim SGD, momentum 0.9 stored at 8 bits")
+register_optimizer("adafactor", _adafactor, "efficient_optim Adafactor (factored v, no first moment by default)")
+register_optimizer("adafactor_hf", _hf_adafactor, "transformers' Adafactor", requires="transformers")
+register_optimizer("lion_bnb_8bit", _bnb("Lion8bit"), "bitsandbytes Lion8bit", requires="bitsandbytes")
 register_optimizer("adamw_bnb_8bit", _bnb("AdamW8bit"), "bitsandbytes AdamW8bit", requires="bitsandbytes")
 register_optimizer("adamw_torchao_8bit", _torchao("AdamW8bit"), "torchao AdamW8bit", requires="torchao")
 register_optimizer("adamw_torchao_4bit", _torchao("AdamW4bit"), "torchao AdamW4bit", requires="torchao")

@@ -1,7 +1,12 @@
 """Update rules and the public optimizer classes built from rule x codecs."""
 
+from .adafactor import Adafactor
 from .adamw_rule import adamw_update_
 from .base import CodecOptimizer
+from .hybrid_adam import HybridAdam
+from .lion import Lion, lion_update_
 from .qadamw import QAdamW
+from .sgd import SGD, sgd_momentum_update_
 
-__all__ = ["CodecOptimizer", "QAdamW", "adamw_update_"]
+__all__ = ["Adafactor", "CodecOptimizer", "HybridAdam", "Lion", "QAdamW", "SGD", "adamw_update_", "lion_update_",
+           "sgd_momentum_update_"]  # fmt: skip

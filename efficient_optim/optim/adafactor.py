@@ -1,0 +1,115 @@
+"""Adafactor (Shazeer & Stern 2018): factored second moment, update clipping, relative step size.
+
+The arithmetic follows ``transformers.optimization.Adafactor`` (tested against it); the second moment is
+the ``Factored`` codec (row/column means, dense for 1-D tensors) and the optional first moment any codec
+(fp32, bf16, 8- or 4-bit).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..quant.rounding import ROUNDING_MODES
+from ..state.factored import Factored
+from .base import NONFINITE_POLICIES, CodecOptimizer
+from .lion import STATE_BITS
+from .rule_loop import run_rule, state_codec
+from .validation import check_beta, check_choice, check_int, check_nonneg, check_positive
+
+_FACTORED = Factored()
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.norm(2) / math.sqrt(t.numel()))
+
+
+class Adafactor(CodecOptimizer):
+    """Adafactor with the paper's (and transformers') defaults.
+
+    Args:
+        params: parameters or param groups.
+        lr: external learning rate; None (default) uses the relative step ``min(1e-2, 1/sqrt(step))``.
+            Giving ``lr`` with ``relative_step=True`` is an error (as in transformers).
+        eps: (eps1, eps2): added to the squared gradient, and the floor of the parameter scale
+            (default (1e-30, 1e-3)).
+        clip_threshold: the update's RMS is clipped to this (default 1.0).
+        decay_rate: the second-moment decay is ``1 - step ** decay_rate`` (default -0.8).
+        beta1: first-moment decay; None (default) keeps no first moment.
+        weight_decay: decoupled weight decay, scaled by the step size (default 0.0).
+        scale_parameter: multiply the relative step by ``max(eps2, RMS(param))`` (default True).
+        relative_step: time-dependent step size (default True).
+        warmup_init: relative step ``min(1e-6 * step, 1/sqrt(step))`` (default False).
+        m_bits: storage of the first moment when ``beta1`` is set: 32 (default), 16, 8 or 4.
+        rounding, min_quantize_numel, seed, nonfinite, correction_bits, weight_rounding: as in ``Lion``.
+    """
+
+    def __init__(self, params, lr: float | None = None, eps=(1e-30, 1e-3), clip_threshold: float = 1.0,
+                 decay_rate: float = -0.8, beta1: float | None = None, weight_decay: float = 0.0,
+                 scale_parameter: bool = True, relative_step: bool = True, warmup_init: bool = False, *,
+                 m_bits: int = 32, rounding: str = "nearest", min_quantize_numel: int = 4096, seed: int = 0,
+                 nonfinite: str = "skip", correction_bits: int | None = None, weight_rounding: str = "nearest"):  # fmt: skip
+        if lr is not None and relative_step:
+            raise ValueError("Adafactor: cannot combine a manual lr with relative_step=True (set relative_step=False)")
+        if warmup_init and not relative_step:
+            raise ValueError("Adafactor: warmup_init=True requires relative_step=True")
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+                        weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
+                        warmup_init=warmup_init, m_bits=m_bits, rounding=rounding,
+                        min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite,
+                        correction_bits=correction_bits, weight_rounding=weight_rounding)  # fmt: skip
+        super().__init__(params, defaults)
+
+    def validate_group(self, group):
+        if group["lr"] is not None:
+            check_positive("lr", group["lr"])
+        eps = group["eps"]
+        if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
+            raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}")
+        check_nonneg("eps[0]", eps[0])
+        check_nonneg("eps[1]", eps[1])
+        check_positive("clip_threshold", group["clip_threshold"])
+        if not -1.0 <= group["decay_rate"] < 0:
+            raise ValueError(f"decay_rate must be in [-1, 0), got {group['decay_rate']}")
+        if group["beta1"] is not None:
+            check_beta("beta1", group["beta1"])
+        check_nonneg("weight_decay", group["weight_decay"])
+        check_choice("m_bits", group["m_bits"], STATE_BITS)
+        check_choice("rounding", group["rounding"], ROUNDING_MODES)
+        check_int("min_quantize_numel", group["min_quantize_numel"], 0)
+        check_int("seed", group["seed"], 0)
+        state_codec(group, "m", None, signed=True)
+
+    def codecs(self, param, group):
+        out = {"exp_avg_sq": _FACTORED}
+        if group["beta1"] is not None:
+            out["exp_avg"] = state_codec(group, "m", param, signed=True)
+        return out
+
+    @staticmethod
+    def step_size(group: dict, param: torch.Tensor, step: int) -> float:
+        """The step's learning rate: ``lr`` or the relative step, times the parameter scale if asked."""
+        rel = group["lr"]
+        if group["relative_step"]:
+            rel = min(1e-6 * step if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(step))
+        scale = max(group["eps"][1], _rms(param)) if group["scale_parameter"] else 1.0
+        return scale * rel
+
+    def update(self, work):
+        def rule(group, p, g, states, step):
+            lr = self.step_size(group, p, step)
+            beta2t = 1.0 - step ** group["decay_rate"]
+            v = states["exp_avg_sq"]
+            v.mul_(beta2t).add_(g.square().add_(group["eps"][0]), alpha=1 - beta2t)
+            u = g * Factored.project_(v).rsqrt()  # the factored estimate of the new moment, as the paper
+            u.div_(max(1.0, _rms(u) / group["clip_threshold"]))
+            u.mul_(lr)
+            if "exp_avg" in states:
+                u = states["exp_avg"].mul_(group["beta1"]).add_(u, alpha=1 - group["beta1"])
+            if group["weight_decay"]:
+                p.add_(p, alpha=-group["weight_decay"] * lr)
+            p.sub_(u)
+
+        run_rule(self, work, rule, {"exp_avg": 0, "exp_avg_sq": 1})

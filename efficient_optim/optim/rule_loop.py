@@ -1,0 +1,48 @@
+"""The per-parameter loop every codec-based rule shares: decode states, apply the rule, encode them back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..policy.static import global_numel, moment_codec
+from ..quant.rounding import mix_salt
+
+
+def state_codec(group: dict, prefix: str, param: torch.Tensor | None, *, signed: bool, default_map: str = "dynamic"):
+    """The codec of one state from ``{prefix}_bits`` / ``{prefix}_block_size`` / ``rounding`` etc. of a group.
+
+    ``param=None`` (validation) resolves as if the tensor were large enough to be quantized.
+    """
+    resolved = {"bits": group[f"{prefix}_bits"], f"{prefix}_bits": group[f"{prefix}_bits"],
+                f"{prefix}_map": group.get(f"{prefix}_map") or default_map,
+                f"{prefix}_block_size": group.get(f"{prefix}_block_size"),
+                "rounding": group.get("rounding") or "nearest", "scale_dtype": group.get("scale_dtype", "bfloat16"),
+                "min_quantize_numel": 0 if param is None else group["min_quantize_numel"]}  # fmt: skip
+    return moment_codec(resolved, prefix, torch.empty(0) if param is None else param, signed=signed)
+
+
+def run_rule(opt, work: list, rule: Callable, state_ids: dict[str, int]) -> None:
+    """For each parameter: fp32 views of the parameter, gradient and every state; ``rule(group, p, g,
+    states, step)`` updates them in place; the parameter and states are written back (stochastic rounding
+    salted by seed, parameter index, state and step)."""
+    for group, items in work:
+        for index, p, g in items:
+            codecs = opt.codecs(p, group)
+            state = opt._init_or_check_state(p, group, codecs, index)
+            state["step"] += 1
+            step = int(state["step"].item())
+            p32 = p if p.dtype == torch.float32 else p.to(torch.float32)
+            g32 = g if g.dtype == torch.float32 else g.to(torch.float32)
+            views = {name: codec.decode(state, name, p) for name, codec in codecs.items()}
+            rule(group, p32, g32, views, step)
+            if p32 is not p:
+                p.copy_(p32)
+            for name, codec in codecs.items():
+                codec.encode(state, name, views[name], salt=mix_salt(group.get("seed", 0), index, state_ids[name], step))
+
+
+def small(param: torch.Tensor, group: dict) -> bool:
+    """Below ``min_quantize_numel`` (global size): kept dense whatever the settings say."""
+    return global_numel(param) < group["min_quantize_numel"]

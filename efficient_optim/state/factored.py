@@ -1,0 +1,77 @@
+"""Factored storage of a non-negative second moment (Adafactor's row/column statistics).
+
+For a tensor of shape ``(..., R, C)`` the codec keeps ``name.row`` (shape ``(..., R)``: the mean of each
+row) and ``name.col`` (shape ``(..., C)``: the mean of each column), ``R + C`` numbers instead of ``R * C``.
+It stands for the rank-1 non-negative matrix
+
+    V_hat = outer(row, col) / mean(row)
+
+whose row means are exactly ``row`` and column means exactly ``col`` (Shazeer & Stern 2018, with means in
+place of sums: the same matrix, better-scaled numbers). ``encode(V)`` keeps V's row and column means.
+
+Why a generic rule gives Adafactor's exact update: row and column means are linear in V, and V_hat's own
+means are ``(row, col)``, so encoding ``beta * decode() + (1 - beta) * g**2`` stores
+``beta * row + (1 - beta) * rowmean(g**2)`` (and the same for columns) — precisely the exponential moving
+averages of Adafactor's statistics. AdamW's rule with this codec for ``v`` is AdamW with a factored second
+moment; no special code path is needed. Tensors with fewer than 2 dimensions are kept dense (fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .codec import StateCodec
+
+TINY = 1e-30  # floor of mean(row) when reconstructing (an all-zero moment stays zero)
+
+
+@dataclass(frozen=True)
+class Factored(StateCodec):
+    """Row/column-mean storage of a non-negative state of a >= 2-D tensor (dense fp32 below 2-D)."""
+
+    @staticmethod
+    def factors(param: torch.Tensor) -> bool:
+        return param.dim() >= 2
+
+    @staticmethod
+    def project_(value: torch.Tensor) -> torch.Tensor:
+        """Replace a dense value by what this codec stores of it (its rank-1 reconstruction), in place.
+
+        Adafactor's update divides by the factored estimate of the *new* moment; a rule that wants
+        exactly that projects before using the value (AdamW-style rules may use the dense value).
+        """
+        if value.dim() >= 2:
+            row, col = value.mean(dim=-1), value.mean(dim=-2)
+            scale = row.mean(dim=-1, keepdim=True).clamp_min_(TINY)
+            value.copy_((row / scale).unsqueeze(-1) * col.unsqueeze(-2))
+        return value
+
+    def init(self, state, name, param):
+        if not self.factors(param):
+            state[name] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.contiguous_format)
+            return
+        state[f"{name}.row"] = torch.zeros(param.shape[:-1], dtype=torch.float32, device=param.device)
+        state[f"{name}.col"] = torch.zeros(param.shape[:-2] + param.shape[-1:], dtype=torch.float32, device=param.device)
+
+    def decode(self, state, name, param):
+        if not self.factors(param):
+            return state[name]
+        row, col = state[f"{name}.row"], state[f"{name}.col"]
+        scale = row.mean(dim=-1, keepdim=True).clamp_min_(TINY)
+        return (row / scale).unsqueeze(-1) * col.unsqueeze(-2)
+
+    def encode(self, state, name, value, *, salt=0):
+        if name in state:
+            if state[name].data_ptr() != value.data_ptr():
+                state[name].copy_(value)
+            return
+        state[f"{name}.row"].copy_(value.mean(dim=-1))
+        state[f"{name}.col"].copy_(value.mean(dim=-2))
+
+    def expected(self, name, param):
+        if not self.factors(param):
+            return {name: (tuple(param.shape), torch.float32)}
+        shape = tuple(param.shape)
+        return {f"{name}.row": (shape[:-1], torch.float32), f"{name}.col": (shape[:-2] + shape[-1:], torch.float32)}

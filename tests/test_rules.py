@@ -1,0 +1,97 @@
+"""Adafactor, Lion and SGD-momentum rules against their references; quantized-state variants stay close."""
+
+import copy
+
+import pytest
+import torch
+
+import efficient_optim as eo
+
+
+def train(model, opt, steps=15, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 32, generator=gen)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
+def models():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64))
+    return m, copy.deepcopy(m)
+
+
+def max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("kw", [{}, {"beta1": 0.9, "weight_decay": 0.01}, {"warmup_init": True},
+                                {"lr": 1e-3, "relative_step": False, "scale_parameter": False}])  # fmt: skip
+def test_adafactor_matches_transformers(kw):
+    from transformers.optimization import Adafactor as HFAdafactor
+
+    a, b = models()
+    train(a, eo.Adafactor(a.parameters(), **kw))
+    train(b, HFAdafactor(b.parameters(), **kw))
+    assert max_diff(a, b) < 1e-6
+
+
+def test_lion_matches_the_reference_formula():
+    a, b = models()
+    train(a, eo.Lion(a.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1))
+    ms = [torch.zeros_like(p) for p in b.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        x = torch.randn(16, 32, generator=gen)
+        b.zero_grad()
+        b(x).pow(2).mean().backward()
+        with torch.no_grad():
+            for p, m in zip(b.parameters(), ms):
+                p.mul_(1 - 1e-3 * 0.1)
+                p.add_(torch.sign(0.9 * m + 0.1 * p.grad), alpha=-1e-3)
+                m.mul_(0.99).add_(p.grad, alpha=0.01)
+    assert max_diff(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("kw", [{}, {"nesterov": True}, {"weight_decay": 0.01, "dampening": 0.1}])
+def test_sgd_with_fp32_momentum_matches_torch(kw):
+    a, b = models()
+    train(a, eo.SGD(a.parameters(), lr=0.05, momentum=0.9, momentum_bits=32, **kw))
+    train(b, torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, **kw))
+    assert max_diff(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["lion8", "sgd8"])
+def test_eight_bit_momentum_stays_close_to_fp32(name):
+    ref_name = {"lion8": "lion", "sgd8": None}[name]
+    a, b = models()
+    opt = eo.create_optimizer(name, a, lr=1e-3 if ref_name else 0.05, min_quantize_numel=0)
+    ref = eo.create_optimizer(ref_name, b, lr=1e-3) if ref_name else eo.SGD(b.parameters(), lr=0.05, momentum_bits=32)
+    train(a, opt)
+    train(b, ref)
+    assert max_diff(a, b) < 5e-3
+    weight = next(a.parameters())
+    state = opt.state[weight]
+    assert any(k.endswith(".codes") for k in state)
+    per_param = sum(t.numel() * t.element_size() for k, t in state.items() if k != "step") / weight.numel()
+    assert per_param < 1.05  # one byte per element plus bf16 block scales
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: eo.Lion(p, lr=-1), "lr"),
+        (lambda p: eo.Lion(p, betas=(0.9, 1.5)), "beta"),
+        (lambda p: eo.Lion(p, m_bits=5), "m_bits"),
+        (lambda p: eo.SGD(p, momentum=0.0), "momentum"),
+        (lambda p: eo.SGD(p, nesterov=True, dampening=0.5), "nesterov"),
+        (lambda p: eo.Adafactor(p, lr=1e-3), "relative_step"),
+        (lambda p: eo.Adafactor(p, decay_rate=0.5), "decay_rate"),
+        (lambda p: eo.Adafactor(p, eps=1e-3), "eps"),
+    ],
+)
+def test_invalid_hyperparameters_are_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make([torch.nn.Parameter(torch.zeros(4, 4))])
