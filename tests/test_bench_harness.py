@@ -175,3 +175,19 @@ def test_the_p1_suite_runs_end_to_end_with_verdicts(corpus, tmp_path, capsys):
 def test_cli_errors_name_the_problem(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_p8_plan_covers_every_configuration_on_both_architectures():
+    from efficient_optim.bench.suite_p8 import A, B, C, D, E, P8SplitWeights
+
+    plan, _ = P8SplitWeights().plan(RunConfig(steps=10), 3, quick=False)
+    runs = {(c.optimizer, c.settings, c.model, c.param_dtype, c.grad_release) for c in plan}
+    for spec in (A, B, C, E):
+        assert (spec, "lm", "gpt2-tiny", "bfloat16", False) in runs
+    for spec in (A, B, C):
+        assert (spec, "cnn", "digits-cnn", "bfloat16", False) in runs
+    assert (D, "lm", "gpt2-tiny", "float32", False) in runs and (D, "cnn", "digits-cnn", "float32", False) in runs
+    assert (E, "lm-release", "gpt2-tiny", "bfloat16", True) in runs
+    assert all(c.clip == 0 for c in plan if c.grad_release)
+    assert len({c.run_id for c in plan}) == len(plan)
+    assert sum(1 for c in plan if c.optimizer == B and c.settings == "lm") == 3
