@@ -23,6 +23,7 @@ class OptimizerEntry:
         description: one line for ``effopt list``.
         requires: the pip package that must be installed (``None`` for our own and torch's).
         cuda_only: True when the optimizer cannot run without a CUDA device.
+        takes_model: the factory receives ``params_or_model`` as given (a model when the user passed one).
     """
 
     name: str
@@ -30,6 +31,7 @@ class OptimizerEntry:
     description: str
     requires: str | None = None
     cuda_only: bool = False
+    takes_model: bool = False
 
     def available(self) -> bool:
         """Whether the optional package this entry needs is importable."""
@@ -42,10 +44,11 @@ _REGISTRY: dict[str, OptimizerEntry] = {}
 
 
 def register_optimizer(
-    name: str, factory: Callable[..., torch.optim.Optimizer], description: str, *, requires: str | None = None, cuda_only: bool = False
+    name: str, factory: Callable[..., torch.optim.Optimizer], description: str, *, requires: str | None = None,
+    cuda_only: bool = False, takes_model: bool = False,
 ) -> None:
     """Add (or replace) a name in the registry."""
-    _REGISTRY[name] = OptimizerEntry(name, factory, description, requires, cuda_only)
+    _REGISTRY[name] = OptimizerEntry(name, factory, description, requires, cuda_only, takes_model)
 
 
 def list_optimizers(available_only: bool = False) -> list[str]:
@@ -78,7 +81,9 @@ def create_optimizer(name: str, params_or_model, **kwargs) -> torch.optim.Optimi
     entry = optimizer_entry(name)
     if not entry.available():
         raise ImportError(f"optimizer {name!r} needs the package {entry.requires!r}: pip install {entry.requires}")
-    return entry.factory(_as_params(params_or_model), **kwargs)
+    if entry.cuda_only and not torch.cuda.is_available():
+        raise RuntimeError(f"optimizer {name!r} runs on CUDA only, and no CUDA device is available here")
+    return entry.factory(params_or_model if entry.takes_model else _as_params(params_or_model), **kwargs)
 
 
 # ------------------------------------------------------------------------------------ built-in entries
@@ -135,6 +140,62 @@ def _hf_adafactor(params, **kw):
     return Adafactor(params, **kw)
 
 
+def _projected_groups(params, rank: int, **group_settings) -> list[dict]:
+    """GaLore/APOLLO param groups: matrices whose shorter side exceeds ``rank`` get the projection settings."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        raise ValueError("galore_adamw / apollo_adamw build their own param groups: pass a model or a list of parameters")
+    low = [p for p in params if p.dim() == 2 and min(p.shape) > rank]
+    rest = [p for p in params if not any(p is q for q in low)]
+    groups = [{"params": low, "rank": rank, **group_settings}] if low else []
+    return groups + ([{"params": rest}] if rest else [])
+
+
+def _galore(params, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std", **kw):
+    from galore_torch import GaLoreAdamW
+
+    kw.setdefault("no_deprecation_warning", True)
+    groups = _projected_groups(params, rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
+    return GaLoreAdamW(groups, **kw)
+
+
+def _apollo(params, rank: int = 256, update_proj_gap: int = 200, scale: float = 1.0, proj: str = "random",
+            proj_type: str = "std", scale_type: str = "channel", **kw):  # fmt: skip
+    from apollo_torch import APOLLOAdamW
+
+    groups = _projected_groups(params, rank, update_proj_gap=update_proj_gap, scale=scale, proj=proj,
+                               proj_type=proj_type, scale_type=scale_type)  # fmt: skip
+    return APOLLOAdamW(groups, **kw)
+
+
+def _adam_mini(model, dim: int | None = None, n_heads: int | None = None, **kw):
+    from adam_mini import Adam_mini
+
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError("adam_mini needs the model (it groups parameters by name and attention head): "
+                         "create_optimizer('adam_mini', model, ...)")  # fmt: skip
+    cfg = getattr(model, "config", None)
+    dim = dim or getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    n_heads = n_heads or getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    if dim is None or n_heads is None:
+        raise ValueError("adam_mini needs dim= and n_heads= (or a transformers model whose config has them)")
+    kw.setdefault("verbose", False)
+    return Adam_mini(model.named_parameters(), dim=dim, n_heads=n_heads, **kw)
+
+
+def _came(params, **kw):
+    from came_pytorch import CAME
+
+    kw.setdefault("lr", 2e-4)
+    return CAME(params, **kw)
+
+
+def _flash(params, **kw):
+    from flashoptim import FlashAdamW
+
+    return FlashAdamW(params, **kw)
+
+
 def _bnb(cls_name: str):
     def make(params, **kw):
         import bitsandbytes as bnb
@@ -168,5 +229,13 @@ register_optimizer("adafactor", _adafactor, "efficient_optim Adafactor (factored
 register_optimizer("adafactor_hf", _hf_adafactor, "transformers' Adafactor", requires="transformers")
 register_optimizer("lion_bnb_8bit", _bnb("Lion8bit"), "bitsandbytes Lion8bit", requires="bitsandbytes")
 register_optimizer("adamw_bnb_8bit", _bnb("AdamW8bit"), "bitsandbytes AdamW8bit", requires="bitsandbytes")
+register_optimizer("galore_adamw", _galore, "GaLore AdamW (galore-torch): gradient projected to rank 128, refreshed every 200 steps",
+                   requires="galore-torch")
+register_optimizer("apollo_adamw", _apollo, "APOLLO AdamW (apollo-torch): random projection rank 256, channel-wise scaling",
+                   requires="apollo-torch")
+register_optimizer("adam_mini", _adam_mini, "Adam-mini (adam-mini): one second-moment value per block/head",
+                   requires="adam-mini", takes_model=True)
+register_optimizer("came", _came, "CAME (came-pytorch): confidence-guided factored moments", requires="came-pytorch")
+register_optimizer("flash_adamw", _flash, "FlashOptim FlashAdamW (CUDA/Triton only)", requires="flashoptim", cuda_only=True)
 register_optimizer("adamw_torchao_8bit", _torchao("AdamW8bit"), "torchao AdamW8bit", requires="torchao")
 register_optimizer("adamw_torchao_4bit", _torchao("AdamW4bit"), "torchao AdamW4bit", requires="torchao")

@@ -35,7 +35,9 @@ def test_every_name_constructs_steps_and_is_measured(name):
         return
     m = model()
     before = [p.detach().clone() for p in m.parameters()]
-    opt = eo.create_optimizer(name, m, lr=1e-3)
+    extra = {"dim": 64, "n_heads": 1} if name == "adam_mini" else {}  # a plain model has no attention config
+    extra.update({"rank": 16} if name in ("galore_adamw", "apollo_adamw") else {})
+    opt = eo.create_optimizer(name, m, lr=1e-3, **extra)
     for i in range(2):
         step(m, opt, i)
     assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
@@ -70,3 +72,16 @@ def test_our_optimizers_resume_exactly_from_weights_only_checkpoints(name):
 def test_unknown_names_and_missing_packages_say_what_to_do():
     with pytest.raises(ValueError, match="known:"):
         eo.create_optimizer("adamw9", model())
+    if optimizer_entry("adam_mini").available():
+        with pytest.raises(ValueError, match="needs the model"):
+            eo.create_optimizer("adam_mini", list(model().parameters()), lr=1e-3)
+
+
+def test_projection_baselines_count_their_projection_matrices():
+    if not optimizer_entry("galore_adamw").available():
+        pytest.skip("galore-torch not installed")
+    m = model()
+    opt = eo.create_optimizer("galore_adamw", m, lr=1e-3, rank=16)
+    step(m, opt, 0)
+    keys = {row["key"] for row in eo.state_breakdown(opt)}
+    assert "projector.ortho_matrix" in keys  # the projection a GaLore user really holds

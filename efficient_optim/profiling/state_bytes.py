@@ -49,15 +49,19 @@ def _leaf_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _iter_values(value, prefix: str):
+def _iter_values(value, prefix: str, depth: int = 0):
     if isinstance(value, torch.Tensor):
         yield prefix, value
     elif isinstance(value, Mapping):
         for k, v in value.items():
-            yield from _iter_values(v, f"{prefix}.{k}" if prefix else str(k))
+            yield from _iter_values(v, f"{prefix}.{k}" if prefix else str(k), depth)
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            yield from _iter_values(v, f"{prefix}[{i}]")
+            yield from _iter_values(v, f"{prefix}[{i}]", depth)
+    elif hasattr(value, "__dict__") and not isinstance(value, (type, torch.nn.Module)) and depth < 3:
+        # helper objects kept in the state (GaLore's and APOLLO's projectors hold their projection matrices)
+        for k, v in vars(value).items():
+            yield from _iter_values(v, f"{prefix}.{k}" if prefix else str(k), depth + 1)
 
 
 class _Counter:
