@@ -33,6 +33,16 @@ CANDIDATES = {
     "bnb_adamw8bit": (lambda p: eo.create_optimizer("adamw_bnb_8bit", p, lr=1e-3), 16),
     "torchao_adamw8bit": (lambda p: eo.create_optimizer("adamw_torchao_8bit", p, lr=1e-3), 16),
     "torchao_adamw4bit": (lambda p: eo.create_optimizer("adamw_torchao_4bit", p, lr=1e-3), 14),
+    "hybrid_adam": (lambda p: eo.create_optimizer("hybrid_adam", p, lr=1e-3), 13),
+    "adafactor": (lambda p: eo.create_optimizer("adafactor", p, lr=1e-3), 12),
+    "adafactor_hf": (lambda p: eo.create_optimizer("adafactor_hf", p, lr=1e-3), 12),
+    "lion": (lambda p: eo.create_optimizer("lion", p, lr=1e-4), 20),
+    "lion8": (lambda p: eo.create_optimizer("lion8", p, lr=1e-4), 14),
+    "lion_bnb_8bit": (lambda p: eo.create_optimizer("lion_bnb_8bit", p, lr=1e-4), 14),
+    "sgd8": (lambda p: eo.create_optimizer("sgd8", p, lr=1e-2), 14),
+    "galore_adamw": (lambda p: eo.create_optimizer("galore_adamw", p, lr=1e-3), 12),
+    "apollo_adamw": (lambda p: eo.create_optimizer("apollo_adamw", p, lr=1e-3), 12),
+    "came": (lambda p: eo.create_optimizer("came", p, lr=1e-3), 12),
 }
 DEFAULT = "adamw_fused,adamw_foreach,qadamw8,qadamw4,bnb_adamw8bit,torchao_adamw8bit,torchao_adamw4bit"
 
@@ -61,7 +71,8 @@ def main(argv=None) -> int:
         except ImportError as exc:
             print(f"{name:20s} skipped: {exc}")
             continue
-        repeats = args.anchor_repeats if name.startswith(("bnb", "torchao")) or "reference" in name else args.repeats
+        slow = ("bnb", "torchao", "galore", "apollo", "came", "adafactor", "lion", "sgd8", "hybrid")
+        repeats = args.anchor_repeats if name.startswith(slow) or "reference" in name else args.repeats
         warm, times = time_steps(opt.step, args.warmup, repeats)
         floor_ms = moved * n / (bw * 1e9) * 1e3
         results[name] = {"median_ms": median_ms(times), "warmup_s": warm, "floor_ms": floor_ms,

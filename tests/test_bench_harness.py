@@ -191,3 +191,10 @@ def test_the_p8_plan_covers_every_configuration_on_both_architectures():
     assert all(c.clip == 0 for c in plan if c.grad_release)
     assert len({c.run_id for c in plan}) == len(plan)
     assert sum(1 for c in plan if c.optimizer == B and c.settings == "lm") == 3
+
+
+def test_tensorboard_logging_writes_event_files(corpus, tmp_path):
+    pytest.importorskip("tensorboard")
+    plan = plan_matrix(tiny(corpus, steps=2), ["adamw"], 1)
+    run_matrix(plan, tmp_path / "tb", log=("tensorboard",), progress=False)
+    assert list((tmp_path / "tb" / "tensorboard").rglob("events.out.tfevents.*"))
