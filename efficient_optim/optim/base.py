@@ -12,7 +12,7 @@ import torch
 
 from ..kernels.cpu import load_cpu_kernels
 from ..quant.rounding import mix_salt
-from ..state import StateCodec
+from ..state import StateCodec, sharded
 from . import master_weights
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -43,6 +43,12 @@ class CodecOptimizer(torch.optim.Optimizer):
     """
 
     skipped_steps: int
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # codecs picked for a DTensor (FSDP2) parameter are laid out for its sharding (state/sharded.py)
+        if "codecs" in cls.__dict__:
+            cls.codecs = sharded.dtensor_codecs(cls.__dict__["codecs"])
 
     def __init__(self, params, defaults: dict):
         self.skipped_steps = 0
@@ -116,6 +122,11 @@ class CodecOptimizer(torch.optim.Optimizer):
 
     def _update_through_master(self, group: dict, item: tuple) -> None:
         index, p, g = item
+        if sharded.is_dtensor(p):
+            raise NotImplementedError(
+                f"{type(self).__name__}: correction_bits / weight_rounding on a sharded (DTensor) parameter #{index} are "
+                "not supported; keep FSDP2's sharded parameters fp32 (MixedPrecisionPolicy computes in bf16)"
+            )
         state = self.state[p]
         master = master_weights.open_master(p, state, group)
         low = p.data
@@ -203,17 +214,14 @@ class CodecOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _first_nonfinite(work) -> int | None:
         kernels = load_cpu_kernels()
-        for _, items in work:
-            for index, _, g in items:
-                if g.numel() == 0:
-                    continue
-                if kernels is not None and g.device.type == "cpu" and g.dtype == torch.float32 and g.is_contiguous():
-                    bad = kernels.any_nonfinite_f32(g)
-                else:
-                    bad = not bool(torch.isfinite(g).all())
-                if bad:
-                    return index
-        return None
+
+        def bad(g: torch.Tensor) -> bool:
+            if kernels is not None and g.device.type == "cpu" and g.dtype == torch.float32 and g.is_contiguous():
+                return bool(kernels.any_nonfinite_f32(g))
+            return not bool(torch.isfinite(g).all())
+
+        # DTensor (FSDP2) gradients: each rank checks its shard and all ranks agree (state/sharded.py)
+        return sharded.first_nonfinite(work, bad)
 
     def _init_or_check_state(self, p: torch.Tensor, group: dict, codecs: dict[str, StateCodec], index: int) -> dict:
         state = self.state[p]
@@ -226,6 +234,12 @@ class CodecOptimizer(torch.optim.Optimizer):
         return state
 
     # ----------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """``torch.optim.Optimizer.state_dict()``; for DTensor (FSDP2) parameters, states kept on the local shard
+        (quantized codes and scales) are exported as DTensors so ``torch.distributed.checkpoint`` saves every
+        rank's part (see ``state.sharded``)."""
+        return sharded.export_local_states(self, super().state_dict())
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a checkpoint, keeping codes and scales in their saved dtypes and checking their shapes.
 
@@ -243,6 +257,7 @@ class CodecOptimizer(torch.optim.Optimizer):
             for k, v in st.items():
                 if isinstance(v, torch.Tensor):
                     self.state[p][k] = v.to(device=p.device, copy=True)
+        sharded.load_local_states(self)  # exported local-shard states of DTensor parameters back to local
         index = 0
         for group in self.param_groups:
             for p in group["params"]:

@@ -11,7 +11,7 @@ from ..policy.static import STATE_BITS, moment_codec
 from ..quant import MAP_NAMES, SCALE_DTYPES, QuantMap, mix_salt
 from ..quant.blockwise import validate_block_size
 from ..quant.rounding import ROUNDING_MODES
-from ..state import Quantized
+from ..state import Quantized, sharded
 from .adamw_rule import adamw_update_
 from .base import NONFINITE_POLICIES, CodecOptimizer
 from .validation import check_betas, check_choice, check_int, check_nonneg, check_positive
@@ -195,6 +195,15 @@ class QAdamW(CodecOptimizer):
 
     def _fused_step(self, group, index, p, g, state, mc, vc) -> bool:
         """Run the compiled kernel if it applies; False when the reference path must be used."""
+        m_salt, v_salt = (self._salt(group, index, name, int(state["step"].item())) for name in _STATE_IDS)
+        if sharded.is_dtensor(p):  # a DTensor (FSDP2) shard: its moments are stored for the local shard
+            if not (isinstance(mc, sharded.ShardLocal) and isinstance(vc, sharded.ShardLocal)):
+                return False
+            if not sharded.is_dtensor(g) or g.placements != p.placements:
+                return False
+            mc, vc = mc.inner, vc.inner
+            m_salt, v_salt = sharded.shard_salt(m_salt, p), sharded.shard_salt(v_salt, p)
+            p, g = p.to_local(), g.to_local()
         if group["fused"] is False or not (isinstance(mc, Quantized) and isinstance(vc, Quantized)):
             return False
         if mc.block_size != vc.block_size or p.device.type != "cpu" or p.dtype != torch.float32:
@@ -210,9 +219,9 @@ class QAdamW(CodecOptimizer):
         kernels.adamw_quantized_step(
             p, g.contiguous(),
             state["exp_avg.codes"], state["exp_avg.scales"], *_kernel_tables(mq), mc.bits,
-            mc.rounding == "stochastic", self._salt(group, index, "exp_avg", step),
+            mc.rounding == "stochastic", m_salt,
             state["exp_avg_sq.codes"], state["exp_avg_sq.scales"], *_kernel_tables(vq), vc.bits,
-            vc.rounding == "stochastic", self._salt(group, index, "exp_avg_sq", step),
+            vc.rounding == "stochastic", v_salt,
             mc.block_size, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
             group["lr"] / (1 - beta1**step), math.sqrt(1 - beta2**step),
         )  # fmt: skip
