@@ -168,19 +168,31 @@ def _apollo(params, rank: int = 256, update_proj_gap: int = 200, scale: float = 
     return APOLLOAdamW(groups, **kw)
 
 
-def _adam_mini(model, dim: int | None = None, n_heads: int | None = None, **kw):
+def _named(params_or_model) -> list[tuple[str, torch.nn.Parameter]] | None:
+    """``(name, parameter)`` pairs from a model or an iterable of such pairs; None for plain parameters."""
+    if isinstance(params_or_model, torch.nn.Module):
+        return [(n, p) for n, p in params_or_model.named_parameters() if p.requires_grad]
+    items = list(params_or_model)
+    if items and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
+        return items
+    return None
+
+
+def _adam_mini(model, dim: int | None = None, n_heads: int | None = None, n_kv_heads: int | None = None, **kw):
     from adam_mini import Adam_mini
 
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError("adam_mini needs the model (it groups parameters by name and attention head): "
-                         "create_optimizer('adam_mini', model, ...)")  # fmt: skip
+    named = _named(model)
+    if named is None:
+        raise ValueError("adam_mini needs parameter names (it groups parameters by name and attention head): "
+                         "create_optimizer('adam_mini', model, ...) or pass model.named_parameters()")  # fmt: skip
     cfg = getattr(model, "config", None)
     dim = dim or getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
     n_heads = n_heads or getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    n_kv_heads = n_kv_heads or getattr(cfg, "num_key_value_heads", None)
     if dim is None or n_heads is None:
         raise ValueError("adam_mini needs dim= and n_heads= (or a transformers model whose config has them)")
     kw.setdefault("verbose", False)
-    return Adam_mini(model.named_parameters(), dim=dim, n_heads=n_heads, **kw)
+    return Adam_mini(named, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, **kw)
 
 
 def _came(params, **kw):
@@ -239,3 +251,5 @@ register_optimizer("came", _came, "CAME (came-pytorch): confidence-guided factor
 register_optimizer("flash_adamw", _flash, "FlashOptim FlashAdamW (CUDA/Triton only)", requires="flashoptim", cuda_only=True)
 register_optimizer("adamw_torchao_8bit", _torchao("AdamW8bit"), "torchao AdamW8bit", requires="torchao")
 register_optimizer("adamw_torchao_4bit", _torchao("AdamW4bit"), "torchao AdamW4bit", requires="torchao")
+register_optimizer("lowrank_adam", _ours("lowrank_adam", "LowRankAdam"),
+                   "efficient_optim LowRankAdam (P7): rank-16 first moment (online), factored v on matrices")
