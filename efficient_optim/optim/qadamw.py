@@ -12,6 +12,8 @@ from ..quant import MAP_NAMES, SCALE_DTYPES, QuantMap, mix_salt
 from ..quant.blockwise import validate_block_size
 from ..quant.rounding import ROUNDING_MODES
 from ..state import Quantized, sharded
+from ..state.compose import learned_moment_codec, with_correction
+from ..state.corrected import RESIDUALS
 from .adamw_rule import adamw_update_
 from .base import NONFINITE_POLICIES, CodecOptimizer
 from .validation import check_betas, check_choice, check_int, check_nonneg, check_positive
@@ -64,6 +66,16 @@ class QAdamW(CodecOptimizer):
             weight: None (default, no master weight), 8 or 16 (see ``optim.master_weights``).
         weight_rounding: rounding of low-precision parameters without correction bits: ``"nearest"``
             (default), ``"stochastic"`` or ``"kahan"``.
+        m_correct_every, v_correct_every: error correction of a quantized (or bf16) moment (protocol P5,
+            ``state.corrected.ErrorCorrected``, an ``ErrorFeedback`` with decay = the moment's beta): track
+            the moment's accumulated quantization error in a compact residual and add it back every this
+            many steps (e.g. 10, 100, 1000); None (default) off.
+        ec_residual: how that residual is stored: ``"8bit"`` (default, ~1 B/element), ``"4bit"`` (~0.52),
+            ``"bfloat16"`` or ``"float32"``.
+        map_refit_every: with ``m_map="learned"`` / ``v_map="learned"`` (protocol P6,
+            ``state.learned.LearnedQuantized``), each state tensor gets a k-means codebook of ``2**bits``
+            levels fitted to its own values, stored in the state dict and refitted at steps 1, 2, 4, ... then
+            every this many steps (default 100; 0 = fit once).
 
     The fused kernel covers fp32 CPU parameters whose two moments are both quantized with one block size;
     other combinations use the reference path. Dense fp32 moments use ``torch._fused_adamw_``.
@@ -94,6 +106,10 @@ class QAdamW(CodecOptimizer):
         fused: bool | None = None,
         correction_bits: int | None = None,
         weight_rounding: str = "nearest",
+        m_correct_every: int | None = None,
+        v_correct_every: int | None = None,
+        ec_residual: str = "8bit",
+        map_refit_every: int = 100,
     ):
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         if fused not in (None, True, False):
@@ -105,7 +121,8 @@ class QAdamW(CodecOptimizer):
             m_map=m_map, v_map=v_map, m_block_size=m_block_size, v_block_size=v_block_size, rounding=rounding,
             m_rounding=m_rounding, v_rounding=v_rounding, scale_dtype=scale_dtype,
             min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite, fused=fused,
-            correction_bits=correction_bits, weight_rounding=weight_rounding,
+            correction_bits=correction_bits, weight_rounding=weight_rounding, m_correct_every=m_correct_every,
+            v_correct_every=v_correct_every, ec_residual=ec_residual, map_refit_every=map_refit_every,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -121,7 +138,9 @@ class QAdamW(CodecOptimizer):
                 check_choice(f"{prefix}_bits", b, STATE_BITS)
             qmap = group[f"{prefix}_map"]
             if qmap is not None and not isinstance(qmap, QuantMap):
-                check_choice(f"{prefix}_map", qmap, [m for m in MAP_NAMES if m != "learned"])
+                check_choice(f"{prefix}_map", qmap, MAP_NAMES)
+            if group.get(f"{prefix}_correct_every") is not None:
+                check_int(f"{prefix}_correct_every", group[f"{prefix}_correct_every"], 1)
             if group[f"{prefix}_rounding"] is not None:
                 check_choice(f"{prefix}_rounding", group[f"{prefix}_rounding"], ROUNDING_MODES)
             bs, width = group[f"{prefix}_block_size"], b or group["bits"]
@@ -135,6 +154,8 @@ class QAdamW(CodecOptimizer):
         check_choice("scale_dtype", group["scale_dtype"], sorted(SCALE_DTYPES))
         check_int("min_quantize_numel", group["min_quantize_numel"], 0)
         check_int("seed", group["seed"], 0)
+        check_choice("ec_residual", group.get("ec_residual", "8bit"), RESIDUALS)
+        check_int("map_refit_every", group.get("map_refit_every", 100), 0)
         for prefix in ("m", "v"):  # building the codecs validates map x bits combinations now, not mid-run
             bits = group[f"{prefix}_bits"] or group["bits"]
             if bits in (4, 8):
@@ -151,7 +172,11 @@ class QAdamW(CodecOptimizer):
         if p is None:  # validation only: a size that is always quantized
             resolved["min_quantize_numel"] = 0
             p = torch.empty(0)
-        return moment_codec(resolved, prefix, p, signed=(prefix == "m"))
+        if resolved[f"{prefix}_map"] == "learned" and bits in (4, 8):
+            codec = learned_moment_codec(resolved, prefix, p, signed=(prefix == "m"))
+        else:
+            codec = moment_codec(resolved, prefix, p, signed=(prefix == "m"))
+        return with_correction(codec, resolved, prefix, resolved["betas"][0 if prefix == "m" else 1])
 
     def codecs(self, param, group):
         return {"exp_avg": self._moment_codec(group, "m", param), "exp_avg_sq": self._moment_codec(group, "v", param)}
