@@ -1,4 +1,4 @@
-"""The ``effopt`` command line: ``list``, ``bench``, ``suite`` and ``report``."""
+"""The ``effopt`` command line: ``list``, ``bench``, ``suite``, ``report`` and ``characterize``."""
 
 from __future__ import annotations
 
@@ -63,11 +63,18 @@ def _report(argv) -> int:
     return 0
 
 
+def _characterize(argv) -> int:
+    from .bench.characterize import main
+
+    return main(argv)
+
+
 COMMANDS = {
     "list": ("registered optimizers and whether each is installed", _list),
     "bench": ("compare optimizers on a small LM (see effopt bench --help)", _bench),
     "suite": ("run a research protocol with verdicts: effopt suite {p1,p7,...} (see effopt suite --help)", _suite),
     "report": ("rebuild report.md and plots from a run folder: effopt report DIR", _report),
+    "characterize": ("why low-bit states fail and what fixes them (P2/P5/P6): effopt characterize [--quick]", _characterize),
 }
 
 
