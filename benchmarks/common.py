@@ -18,6 +18,17 @@ def gpt2_like_shapes(layers: int = 12, d: int = 768) -> list[tuple[int, ...]]:
     return shapes
 
 
+def gpt2_like_names(layers: int = 12) -> list[str]:
+    """GPT-2 parameter names in the order of ``gpt2_like_shapes`` (for optimizers that group by name: Adam-mini)."""
+    names: list[str] = []
+    for i in range(layers):
+        h = f"h.{i}."
+        names += [h + "attn.c_attn.weight", h + "attn.c_proj.weight", h + "mlp.c_fc.weight", h + "mlp.c_proj.weight"]
+        names += [h + "attn.c_attn.bias", h + "attn.c_proj.bias", h + "mlp.c_fc.bias", h + "mlp.c_proj.bias",
+                  h + "ln_1.weight", h + "ln_1.bias", h + "ln_2.weight", h + "ln_2.bias"]  # fmt: skip
+    return names
+
+
 def make_params(shapes, seed: int = 0) -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     params = []

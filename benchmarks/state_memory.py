@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gpt2_like_shapes, make_params  # noqa: E402
+from common import gpt2_like_names, gpt2_like_shapes, make_params  # noqa: E402
 
 import efficient_optim as eo  # noqa: E402
 
@@ -36,8 +36,13 @@ CANDIDATES = {
     "torchao AdamW4bit": ("adamw_torchao_4bit", {}),
     "HybridAdam (4-bit m, factored v)": ("hybrid_adam", {}),
     "HybridAdam (8-bit m, factored v)": ("hybrid_adam", {"m_codec": "8bit"}),
+    "HybridAdam (fp32 m, factored v)": ("hybrid_adam", {"m_codec": "fp32"}),
+    "HybridAdam (4-bit m, 4-bit v)": ("hybrid_adam", {"v_codec": "4bit"}),
+    "HybridAdam (rank-16 m, factored v)": ("hybrid_adam", {"m_codec": "lowrank"}),
     "Adafactor (ours)": ("adafactor", {}),
     "Adafactor (transformers)": ("adafactor_hf", {}),
+    "Adafactor + 8-bit m (ours)": ("adafactor", {"beta1": 0.9, "m_bits": 8}),
+    "Adafactor + fp32 m (transformers)": ("adafactor_hf", {"beta1": 0.9}),
     "Lion (fp32 m)": ("lion", {}),
     "Lion 8-bit m (ours)": ("lion8", {}),
     "bitsandbytes Lion8bit": ("lion_bnb_8bit", {}),
@@ -46,14 +51,15 @@ CANDIDATES = {
     "GaLore AdamW (rank 128)": ("galore_adamw", {}),
     "APOLLO AdamW (rank 256)": ("apollo_adamw", {}),
     "CAME": ("came", {}),
+    "Adam-mini": ("adam_mini", {"dim": 768, "n_heads": 12}),  # given GPT-2 names (it groups by name)
 }
-# adam_mini needs a model with named attention parameters, not a bag of tensors: measured in the harness
 
 
-def measure(name: str, kwargs: dict, shapes) -> float | None:
+def measure(name: str, kwargs: dict, shapes, names: list[str]) -> float | None:
     params = make_params(shapes)
     try:
-        opt = eo.create_optimizer(name, params, lr=1e-3, **kwargs)
+        arg = list(zip(names, params)) if name == "adam_mini" else params
+        opt = eo.create_optimizer(name, arg, lr=1e-3, **kwargs)
     except (ImportError, ValueError) as exc:
         print(f"  skipped {name}: {exc}")
         return None
@@ -68,21 +74,26 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=12, help="layers of the GPT-2-like stack (default 12: ~85M)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--only", help="comma-separated subset of the row labels' registry names (anchors always run)")
     args = ap.parse_args(argv)
-    workloads = {"4096x4096 matrix": [(4096, 4096)], "GPT-2-like stack": gpt2_like_shapes(args.layers)}
+    only = set(args.only.split(",")) if args.only else None
+    workloads = {"4096x4096 matrix": ([(4096, 4096)], ["h.0.mlp.c_fc.weight"]),
+                 "GPT-2-like stack": (gpt2_like_shapes(args.layers), gpt2_like_names(args.layers))}  # fmt: skip
     results: dict = {}
-    for wname, shapes in workloads.items():
+    for wname, (shapes, names) in workloads.items():
         n = sum(torch.Size(s).numel() for s in shapes)
         print(f"\n{wname}: {n / 1e6:.1f}M parameters")
-        print(f"{'optimizer':30s} {'state bytes':>14s} {'B/param':>9s} {'vs AdamW':>9s}")
+        print(f"{'optimizer':36s} {'state bytes':>14s} {'B/param':>9s} {'vs AdamW':>9s}")
         base = None
         for label, (name, kw) in CANDIDATES.items():
-            total = measure(name, kw, shapes)
+            if only is not None and name not in only and name != "adamw":
+                continue
+            total = measure(name, kw, shapes, names)
             if total is None:
                 continue
             base = base or total
             results.setdefault(wname, {})[label] = {"state_bytes": total, "bytes_per_param": total / n}
-            print(f"{label:30s} {total:14,d} {total / n:9.4f} {base / total:8.2f}x")
+            print(f"{label:36s} {total:14,d} {total / n:9.4f} {base / total:8.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

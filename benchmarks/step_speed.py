@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth_gbs, gpt2_like_shapes, make_params, median_ms, time_steps  # noqa: E402
+from common import copy_bandwidth_gbs, gpt2_like_names, gpt2_like_shapes, make_params, median_ms, time_steps  # noqa: E402
 
 import efficient_optim as eo  # noqa: E402
 
@@ -34,15 +34,21 @@ CANDIDATES = {
     "torchao_adamw8bit": (lambda p: eo.create_optimizer("adamw_torchao_8bit", p, lr=1e-3), 16),
     "torchao_adamw4bit": (lambda p: eo.create_optimizer("adamw_torchao_4bit", p, lr=1e-3), 14),
     "hybrid_adam": (lambda p: eo.create_optimizer("hybrid_adam", p, lr=1e-3), 13),
+    "hybrid_adam_m8": (lambda p: eo.create_optimizer("hybrid_adam", p, lr=1e-3, m_codec="8bit"), 14),
+    "hybrid_adam_lowrank_m": (lambda p: eo.create_optimizer("hybrid_adam", p, lr=1e-3, m_codec="lowrank"), 12),
     "adafactor": (lambda p: eo.create_optimizer("adafactor", p, lr=1e-3), 12),
     "adafactor_hf": (lambda p: eo.create_optimizer("adafactor_hf", p, lr=1e-3), 12),
     "lion": (lambda p: eo.create_optimizer("lion", p, lr=1e-4), 20),
     "lion8": (lambda p: eo.create_optimizer("lion8", p, lr=1e-4), 14),
     "lion_bnb_8bit": (lambda p: eo.create_optimizer("lion_bnb_8bit", p, lr=1e-4), 14),
+    "sgd_fp32": (lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=True), 20),
     "sgd8": (lambda p: eo.create_optimizer("sgd8", p, lr=1e-2), 14),
     "galore_adamw": (lambda p: eo.create_optimizer("galore_adamw", p, lr=1e-3), 12),
     "apollo_adamw": (lambda p: eo.create_optimizer("apollo_adamw", p, lr=1e-3), 12),
     "came": (lambda p: eo.create_optimizer("came", p, lr=1e-3), 12),
+    # Adam-mini groups parameters by name: given GPT-2 names in the benchmark's order
+    "adam_mini": (lambda p: eo.create_optimizer("adam_mini", list(zip(gpt2_like_names(len(p) // 12), p)), lr=1e-3,
+                                                dim=int(p[1].shape[0]), n_heads=12), 20),
 }
 DEFAULT = "adamw_fused,adamw_foreach,qadamw8,qadamw4,bnb_adamw8bit,torchao_adamw8bit,torchao_adamw4bit"
 
@@ -68,10 +74,10 @@ def main(argv=None) -> int:
         try:
             params = make_params(shapes)
             opt = factory(params)
-        except ImportError as exc:
+        except (ImportError, ValueError) as exc:
             print(f"{name:20s} skipped: {exc}")
             continue
-        slow = ("bnb", "torchao", "galore", "apollo", "came", "adafactor", "lion", "sgd8", "hybrid")
+        slow = ("bnb", "torchao", "galore", "apollo", "came", "adafactor", "lion", "sgd", "hybrid", "adam_mini")
         repeats = args.anchor_repeats if name.startswith(slow) or "reference" in name else args.repeats
         warm, times = time_steps(opt.step, args.warmup, repeats)
         floor_ms = moved * n / (bw * 1e9) * 1e3

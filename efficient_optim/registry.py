@@ -79,10 +79,10 @@ def create_optimizer(name: str, params_or_model, **kwargs) -> torch.optim.Optimi
         **kwargs: hyperparameters passed to the optimizer (``lr``, ``weight_decay``, ...).
     """
     entry = optimizer_entry(name)
+    if entry.cuda_only and not torch.cuda.is_available():  # first: installing the package would not help
+        raise RuntimeError(f"optimizer {name!r} runs on CUDA only, and no CUDA device is available here")
     if not entry.available():
         raise ImportError(f"optimizer {name!r} needs the package {entry.requires!r}: pip install {entry.requires}")
-    if entry.cuda_only and not torch.cuda.is_available():
-        raise RuntimeError(f"optimizer {name!r} runs on CUDA only, and no CUDA device is available here")
     return entry.factory(params_or_model if entry.takes_model else _as_params(params_or_model), **kwargs)
 
 

@@ -57,3 +57,38 @@ def test_all_zero_moment_decodes_to_zero_without_nan():
     codec.init(state, "v", p)
     assert torch.equal(codec.decode(state, "v", p), torch.zeros(4, 4))
     assert torch.equal(Factored.project_(torch.zeros(4, 4)), torch.zeros(4, 4))
+
+
+def test_encode_of_any_dense_value_is_a_projection_onto_row_and_column_means():
+    codec, p, state = Factored(), torch.zeros(5, 6), {}
+    codec.init(state, "v", p)
+    v = torch.rand(5, 6, generator=torch.Generator().manual_seed(1))
+    codec.encode(state, "v", v)
+    assert torch.allclose(state["v.row"], v.mean(-1)) and torch.allclose(state["v.col"], v.mean(-2))
+    once = codec.decode(state, "v", p)
+    assert torch.allclose(Factored.project_(v.clone()), once, rtol=1e-6)  # project_ = decode(encode(.))
+    codec.encode(state, "v", once)  # projecting twice changes nothing
+    assert torch.allclose(codec.decode(state, "v", p), once, rtol=1e-5)
+
+
+def test_eps_floors_the_reconstruction_and_is_validated():
+    codec, p, state = Factored(eps=1e-3), torch.zeros(2, 3), {}
+    codec.init(state, "v", p)
+    state["v.row"].fill_(1e-6)
+    state["v.col"].fill_(1e-6)
+    assert torch.allclose(codec.decode(state, "v", p), torch.full((2, 3), 1e-6 * 1e-6 / 1e-3))
+    for bad in (0.0, -1.0, float("nan"), "1e-30"):
+        with pytest.raises(ValueError, match="eps"):
+            Factored(eps=bad)
+
+
+def test_state_is_plain_tensors_that_load_weights_only():
+    import io
+
+    codec, p, state = Factored(), torch.zeros(4, 8), {}
+    codec.init(state, "v", p)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=True)
+    assert {k: (tuple(t.shape), t.dtype) for k, t in back.items()} == codec.expected("v", p)

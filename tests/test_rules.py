@@ -95,3 +95,46 @@ def test_eight_bit_momentum_stays_close_to_fp32(name):
 def test_invalid_hyperparameters_are_named(make, message):
     with pytest.raises(ValueError, match=message):
         make([torch.nn.Parameter(torch.zeros(4, 4))])
+
+
+def test_adafactor_momentum_at_8_bits_stays_close_to_fp32_momentum():
+    a, b = models()
+    opt = eo.Adafactor(a.parameters(), beta1=0.9, m_bits=8, min_quantize_numel=0)
+    train(a, opt)
+    train(b, eo.Adafactor(b.parameters(), beta1=0.9))
+    assert max_diff(a, b) < 2e-3
+    w = next(a.parameters())
+    assert {"exp_avg.codes", "exp_avg_sq.row", "exp_avg_sq.col"} <= set(opt.state[w])
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: eo.Adafactor(p),  # relative step, parameter scale
+    lambda p: eo.Adafactor(p, beta1=0.9, m_bits=4, rounding="stochastic", warmup_init=True, min_quantize_numel=0),
+    lambda p: eo.Lion(p, lr=1e-3, m_bits=4, rounding="stochastic", min_quantize_numel=0),
+    lambda p: eo.SGD(p, lr=0.05, nesterov=True, momentum_bits=16, rounding="stochastic", min_quantize_numel=0),
+])  # fmt: skip
+def test_weights_only_checkpoints_resume_bit_identically(make):
+    import io
+
+    a, b = models()
+    c = copy.deepcopy(b)
+    oa, ob = make(a.parameters()), make(b.parameters())
+    train(a, oa, steps=6)
+    train(b, ob, steps=3)
+    buf = io.BytesIO()
+    torch.save({"model": b.state_dict(), "opt": ob.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    c.load_state_dict(ckpt["model"])
+    oc = make(c.parameters())
+    oc.load_state_dict(ckpt["opt"])
+    gen = torch.Generator().manual_seed(0)
+    for i in range(6):  # the same data stream as train(): the first three batches were seen before the save
+        x = torch.randn(16, 32, generator=gen)
+        if i < 3:
+            continue
+        oc.zero_grad()
+        c(x).pow(2).mean().backward()
+        oc.step()
+    for p, q in zip(a.parameters(), c.parameters()):
+        assert torch.equal(p, q)

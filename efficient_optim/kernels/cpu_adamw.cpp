@@ -454,6 +454,65 @@ void adamw_quantized_step(torch::Tensor p, torch::Tensor g, torch::Tensor m_code
   else TORCH_CHECK(false, "bits must be 4 or 8");
 }
 
+// Block-wise quantize the contiguous fp32 tensor x into existing codes and scales: the same arithmetic as
+// quantize_blockwise() in quant/blockwise.py (scale = block absmax, bf16 rounded up; codes through the
+// map's bucket tables; stochastic draws keyed by the element's flat index and salt). Used by the
+// Quantized codec for every rule (Lion, SGD, Adafactor, HybridAdam, ...). x must be finite.
+void quantize_into(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, std::vector<torch::Tensor> tables,
+                   std::vector<int64_t> geometry, bool is_signed, int64_t bits, bool stochastic, int64_t salt,
+                   int64_t block_size) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32");
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(block_size >= 2 && (bits == 8 || block_size % 2 == 0), "block_size must be >= 2 (even at 4 bits)");
+  StateView s = state_view(codes, scales, tables, geometry, is_signed, stochastic, salt);
+  const int64_t n = x.numel();
+  const int64_t nblocks = (n + block_size - 1) / block_size;
+  TORCH_CHECK(codes.numel() == (bits == 8 ? n : (n + 1) / 2), "codes size mismatch");
+  TORCH_CHECK(scales.numel() == nblocks, "scales size mismatch");
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<int32_t> tmp(block_size);
+    StateView local = s;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * block_size;
+      const int64_t len = std::min(block_size, n - start);
+      const float scale = store_scale(local, b, block_absmax(xp + start, len));
+      if (bits == 8) encode_block<8>(local, xp + start, tmp.data(), start, len, scale);
+      else encode_block<4>(local, xp + start, tmp.data(), start, len, scale);
+    }
+  });
+}
+
+// Decode codes and scales into the contiguous fp32 tensor out (dequantize_blockwise() of the reference).
+void dequantize_into(torch::Tensor codes, torch::Tensor scales, torch::Tensor levels, int64_t bits,
+                     int64_t block_size, torch::Tensor out) {
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous(), "out must be contiguous fp32");
+  TORCH_CHECK(levels.dtype() == torch::kFloat32 && levels.is_contiguous(), "levels must be contiguous fp32");
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous(), "codes must be contiguous uint8");
+  TORCH_CHECK(scales.is_contiguous() && (scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kBFloat16),
+              "scales must be contiguous fp32 or bf16");
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(block_size >= 2 && (bits == 8 || block_size % 2 == 0), "block_size must be >= 2 (even at 4 bits)");
+  const int64_t n = out.numel();
+  const int64_t nblocks = (n + block_size - 1) / block_size;
+  TORCH_CHECK(codes.numel() == (bits == 8 ? n : (n + 1) / 2), "codes size mismatch");
+  TORCH_CHECK(scales.numel() == nblocks, "scales size mismatch");
+  StateView s;
+  s.codes = codes.data_ptr<uint8_t>();
+  s.scales = scales.data_ptr();
+  s.scale_bf16 = scales.dtype() == torch::kBFloat16;
+  s.map.levels = levels.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * block_size;
+      const int64_t len = std::min(block_size, n - start);
+      if (bits == 8) decode_block<8>(s, start, len, load_scale(s, b), op + start);
+      else decode_block<4>(s, start, len, load_scale(s, b), op + start);
+    }
+  });
+}
+
 // True if any element of the fp32 tensor is NaN or Inf (checked on the bit pattern).
 bool any_nonfinite_f32(torch::Tensor t) {
   TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(), "expects a contiguous fp32 tensor");
@@ -478,4 +537,6 @@ bool any_nonfinite_f32(torch::Tensor t) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("adamw_quantized_step", &adamw_quantized_step, "fused block-quantized AdamW step (CPU)");
   mod.def("any_nonfinite_f32", &any_nonfinite_f32, "NaN/Inf check on the bit pattern (CPU)");
+  mod.def("quantize_into", &quantize_into, "block-wise quantize fp32 into codes and scales (CPU)");
+  mod.def("dequantize_into", &dequantize_into, "block-wise dequantize codes and scales into fp32 (CPU)");
 }

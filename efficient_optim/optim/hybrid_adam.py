@@ -4,27 +4,46 @@
 stochastic rounding) and v factored into row/column means — hold ~0.52 bytes of state per parameter on
 large matrices (15x below fp32 AdamW); 1-D and small tensors keep fp32 moments. The defaults were chosen
 from the measurements in docs/hybrid_adam.md.
+
+The step is AdamW's (``adamw_update_``) on the decoded moments. With a factored v the rule sees
+``V_hat`` (the rank-1 matrix of the stored row/column means) and divides by the dense
+``beta2 * V_hat + (1 - beta2) * g**2`` of this step, bias-corrected as in Adam; what is stored of it is its
+row and column means, which is exactly Adafactor's moving average of the row/column statistics (see
+``state.factored``).
 """
 
 from __future__ import annotations
+
+import torch
 
 from ..state import StateCodec
 from ..state.factored import Factored
 from .qadamw import QAdamW
 from .rule_loop import small
-from .validation import check_choice
+from .validation import check_choice, check_int
 
 M_CODECS = {"fp32": 32, "bf16": 16, "8bit": 8, "4bit": 4, "lowrank": None}
 V_CODECS = {"fp32": 32, "bf16": 16, "8bit": 8, "4bit": 4, "factored": None, "lowrank": None}
 _FACTORED = Factored()
+_CODEC_KEYS = ("m_codec", "v_codec")
+_PLACEHOLDER = "<StateCodec instance: "  # what a codec instance becomes in state_dict() (plain strings only)
 
 
-def _lowrank_codec(group: dict):
+def lowrank_codec(prefix: str, group: dict) -> StateCodec:
+    """The ``"lowrank"`` codec of moment ``prefix`` (``efficient_optim.state.lowrank.LowRank``), resolved lazily.
+
+    m: online factor updates (one subspace iteration per step, "Taming Momentum"/LoRA-Pre); v: factors of
+    ``sqrt(v)`` refreshed by randomized SVD every 10 steps (never negative when decoded). Pass a ``LowRank``
+    instance as ``m_codec`` / ``v_codec`` for other settings.
+    """
     try:
         from ..state.lowrank import LowRank
     except ImportError:
-        raise ValueError("v_codec/m_codec 'lowrank' needs efficient_optim.state.lowrank, not in this version") from None
-    return LowRank(rank=group["rank"])
+        raise ValueError(f"{prefix}_codec='lowrank' needs efficient_optim.state.lowrank, not in this version") from None
+    common = dict(rank=group["rank"], seed=group["seed"], min_numel=group["min_quantize_numel"])
+    if prefix == "m":
+        return LowRank(refresh="online", refresh_every=0, **common)
+    return LowRank(refresh="randomized", refresh_every=10, nonnegative=True, **common)
 
 
 class HybridAdam(QAdamW):
@@ -34,12 +53,20 @@ class HybridAdam(QAdamW):
         params, lr, betas, eps, weight_decay: as ``QAdamW`` / ``torch.optim.AdamW`` (lr default 1e-3,
             weight_decay default 1e-2).
         m_codec: first moment: ``"4bit"`` (default), ``"8bit"``, ``"bf16"``, ``"fp32"``, ``"lowrank"``, or a
-            ``StateCodec`` instance.
+            ``StateCodec`` instance (e.g. ``Quantized(...)``, ``LowRank(...)``, an error-feedback wrapper).
         v_codec: second moment: ``"factored"`` (default; row/column means, for >= 2-D tensors), ``"8bit"``,
-            ``"4bit"``, ``"bf16"``, ``"fp32"``, ``"lowrank"``, or a ``StateCodec``.
-        rank: rank of ``"lowrank"`` codecs (default 16).
-        **kwargs: every other ``QAdamW`` option (maps, block sizes, rounding, ``min_quantize_numel``, ``seed``,
-            ``nonfinite``, ``correction_bits``, ``weight_rounding``, ...).
+            ``"4bit"``, ``"bf16"``, ``"fp32"``, ``"lowrank"``, or a ``StateCodec`` instance (it must decode
+            to non-negative values).
+        rank: rank of the ``"lowrank"`` codecs (default 16).
+        **kwargs: every other ``QAdamW`` option (maps, block sizes, rounding, ``scale_dtype``,
+            ``min_quantize_numel``, ``seed``, ``nonfinite``, ``correction_bits``, ``weight_rounding``, ...).
+            ``bits`` / ``m_bits`` / ``v_bits`` are set through the codecs and are refused.
+
+    Every choice can also be set per param group. Tensors with fewer than ``min_quantize_numel`` elements
+    (default 4096, global size) keep fp32 moments whatever the codec, and ``"factored"`` / ``"lowrank"``
+    keep fp32 moments for 1-D tensors. A codec instance is not saved in ``state_dict()`` (only a
+    description string, so ``torch.load(weights_only=True)`` works); the optimizer that loads the
+    checkpoint must be built with the same instance.
 
     With ``m_codec="fp32", v_codec="fp32"`` it is ``torch.optim.AdamW`` (tested).
     """
@@ -47,30 +74,82 @@ class HybridAdam(QAdamW):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  m_codec="4bit", v_codec="factored", rank: int = 16, **kwargs):  # fmt: skip
         self._codec_defaults = {"m_codec": m_codec, "v_codec": v_codec, "rank": rank}
-        for prefix, codec, table in (("m", m_codec, M_CODECS), ("v", v_codec, V_CODECS)):
-            if not isinstance(codec, StateCodec):
-                check_choice(f"{prefix}_codec", codec, list(table))
-            if f"{prefix}_bits" in kwargs:
-                raise ValueError(f"HybridAdam sets {prefix}_bits through {prefix}_codec")
-        if "bits" in kwargs:
-            raise ValueError("HybridAdam sets bits through m_codec and v_codec")
+        for key in ("bits", "m_bits", "v_bits"):
+            if key in kwargs:
+                where = "m_codec and v_codec" if key == "bits" else f"{key[0]}_codec"
+                raise ValueError(f"HybridAdam sets {key} through {where}; do not pass {key}")
         super().__init__(params, lr, betas, eps, weight_decay, bits=8, **kwargs)
         self.defaults.update(self._codec_defaults)
         for group in self.param_groups:
             for key, value in self._codec_defaults.items():
                 group.setdefault(key, value)
 
-    def _choice(self, group: dict, prefix: str):
-        return group.get(f"{prefix}_codec", self._codec_defaults[f"{prefix}_codec"])
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_codec_defaults", {k: self.defaults.get(k) for k in (*_CODEC_KEYS, "rank")})
+
+    # ---------------------------------------------------------------------------------- settings
+    def _setting(self, group: dict, key: str):
+        return group[key] if key in group else self._codec_defaults[key]
+
+    def validate_group(self, group: dict) -> None:
+        for key, table in (("m_codec", M_CODECS), ("v_codec", V_CODECS)):
+            choice = self._setting(group, key)
+            if not isinstance(choice, StateCodec):
+                check_choice(key, choice, list(table))
+        check_int("rank", self._setting(group, "rank"), 1)
+        super().validate_group(group)
+        for prefix in ("m", "v"):  # building the codecs validates the choice now, not mid-run
+            self._moment_codec(group, prefix, None)
 
     def _moment_codec(self, group, prefix, p):
-        choice = self._choice(group, prefix)
-        if isinstance(choice, StateCodec):
-            return choice
+        choice = self._setting(group, f"{prefix}_codec")
         if p is not None and (small(p, group) or (choice in ("factored", "lowrank") and p.dim() < 2)):
             return super()._moment_codec({**group, f"{prefix}_bits": 32}, prefix, p)
+        if isinstance(choice, StateCodec):
+            return choice
         if choice == "factored":
             return _FACTORED
         if choice == "lowrank":
-            return _lowrank_codec({**self._codec_defaults, **group})
-        return super()._moment_codec({**group, f"{prefix}_bits": M_CODECS[choice] if prefix == "m" else V_CODECS[choice]}, prefix, p)
+            resolved = {"rank": self._setting(group, "rank"), "seed": group["seed"],
+                        "min_quantize_numel": group["min_quantize_numel"]}  # fmt: skip
+            return lowrank_codec(prefix, resolved)
+        bits = (M_CODECS if prefix == "m" else V_CODECS)[choice]
+        return super()._moment_codec({**group, f"{prefix}_bits": bits}, prefix, p)
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """``QAdamW.state_dict()`` with codec instances replaced by description strings (plain data only)."""
+        sd = super().state_dict()
+        groups = []
+        for g in sd["param_groups"]:
+            g = dict(g)
+            for key in _CODEC_KEYS:
+                if isinstance(g.get(key), StateCodec):
+                    g[key] = f"{_PLACEHOLDER}{g[key]!r}>"
+            groups.append(g)
+        return {**sd, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a checkpoint; a saved codec description is replaced by this optimizer's codec instance."""
+        current = [{k: g.get(k) for k in _CODEC_KEYS} for g in self.param_groups]
+        groups = []
+        for i, g in enumerate(state_dict["param_groups"]):
+            g = dict(g)
+            for key in _CODEC_KEYS:
+                saved = g.get(key)
+                if isinstance(saved, str) and saved.startswith(_PLACEHOLDER):
+                    mine = current[i][key] if i < len(current) else None
+                    if not isinstance(mine, StateCodec):
+                        raise ValueError(
+                            f"param group {i} of the checkpoint used a codec instance for {key} ({saved}); build "
+                            f"the optimizer with that instance (this one has {key}={mine!r})"
+                        )
+                    g[key] = mine
+            groups.append(g)
+        super().load_state_dict({**state_dict, "param_groups": groups})
+
+    def describe_codecs(self, param: torch.Tensor) -> dict[str, StateCodec]:
+        """The codec each moment of ``param`` uses (after the small-tensor and 1-D rules)."""
+        group, _ = self._param_index(param)
+        return self.codecs(param, group)

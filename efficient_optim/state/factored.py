@@ -14,6 +14,17 @@ means are ``(row, col)``, so encoding ``beta * decode() + (1 - beta) * g**2`` st
 ``beta * row + (1 - beta) * rowmean(g**2)`` (and the same for columns) — precisely the exponential moving
 averages of Adafactor's statistics. AdamW's rule with this codec for ``v`` is AdamW with a factored second
 moment; no special code path is needed. Tensors with fewer than 2 dimensions are kept dense (fp32).
+
+(``V_hat``'s row means are ``row * mean(col) / mean(row)``, which is ``row`` because both vectors are means
+of the same matrices, so ``mean(row) == mean(col)``; a rounding difference between the two does not
+accumulate: every encode sets both to the means of one matrix again.)
+
+``encode`` of an arbitrary dense value is a projection (it keeps only the row and column means); the
+rules decide what they divide by: AdamW (``HybridAdam``) uses the dense ``beta2 * V_hat + (1 - beta2) g^2``
+of the step, whose ``g^2`` part is exact; Adafactor divides by the factored estimate of the new moment
+(``project_``), as the paper and ``transformers`` do. Adding Adafactor's ``eps1`` to ``g^2`` is the rule's
+job; the codec's ``eps`` only floors ``mean(row)`` in the reconstruction, so an all-zero moment decodes to
+zero instead of NaN.
 """
 
 from __future__ import annotations
@@ -24,28 +35,42 @@ import torch
 
 from .codec import StateCodec
 
-TINY = 1e-30  # floor of mean(row) when reconstructing (an all-zero moment stays zero)
+TINY = 1e-30  # default floor of mean(row) when reconstructing (an all-zero moment stays zero)
+
+
+def _reconstruct(row: torch.Tensor, col: torch.Tensor, eps: float) -> torch.Tensor:
+    scale = row.mean(dim=-1, keepdim=True).clamp_min_(eps)
+    return (row / scale).unsqueeze(-1) * col.unsqueeze(-2)
 
 
 @dataclass(frozen=True)
 class Factored(StateCodec):
-    """Row/column-mean storage of a non-negative state of a >= 2-D tensor (dense fp32 below 2-D)."""
+    """Row/column-mean storage of a non-negative state of a >= 2-D tensor (dense fp32 below 2-D).
+
+    Args:
+        eps: floor of ``mean(row)`` in the reconstruction ``outer(row, col) / mean(row)`` (default 1e-30,
+            Adafactor's eps1); must be > 0.
+    """
+
+    eps: float = TINY
+
+    def __post_init__(self):
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < float("inf"):
+            raise ValueError(f"invalid eps: {self.eps!r} (must be a finite number > 0)")
 
     @staticmethod
     def factors(param: torch.Tensor) -> bool:
         return param.dim() >= 2
 
     @staticmethod
-    def project_(value: torch.Tensor) -> torch.Tensor:
+    def project_(value: torch.Tensor, eps: float = TINY) -> torch.Tensor:
         """Replace a dense value by what this codec stores of it (its rank-1 reconstruction), in place.
 
         Adafactor's update divides by the factored estimate of the *new* moment; a rule that wants
         exactly that projects before using the value (AdamW-style rules may use the dense value).
         """
         if value.dim() >= 2:
-            row, col = value.mean(dim=-1), value.mean(dim=-2)
-            scale = row.mean(dim=-1, keepdim=True).clamp_min_(TINY)
-            value.copy_((row / scale).unsqueeze(-1) * col.unsqueeze(-2))
+            value.copy_(_reconstruct(value.mean(dim=-1), value.mean(dim=-2), eps))
         return value
 
     def init(self, state, name, param):
@@ -58,9 +83,7 @@ class Factored(StateCodec):
     def decode(self, state, name, param):
         if not self.factors(param):
             return state[name]
-        row, col = state[f"{name}.row"], state[f"{name}.col"]
-        scale = row.mean(dim=-1, keepdim=True).clamp_min_(TINY)
-        return (row / scale).unsqueeze(-1) * col.unsqueeze(-2)
+        return _reconstruct(state[f"{name}.row"], state[f"{name}.col"], self.eps)
 
     def encode(self, state, name, value, *, salt=0):
         if name in state:

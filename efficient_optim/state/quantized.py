@@ -1,4 +1,9 @@
-"""Block-wise quantized storage: uint8 codes (two per byte at 4 bits) plus one scale per block."""
+"""Block-wise quantized storage: uint8 codes (two per byte at 4 bits) plus one scale per block.
+
+On the CPU, ``decode`` and ``encode`` of contiguous fp32 values run the compiled block quantizer of
+``efficient_optim.kernels`` when it is available (bit-identical to ``quant.blockwise``, tested in
+``tests/test_codec_kernels.py``; ``EFFOPT_DISABLE_KERNELS=1`` forces the PyTorch reference).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.cpu import load_cpu_kernels
 from ..quant import (
     SCALE_DTYPES,
     QuantMap,
@@ -20,6 +26,15 @@ from ..quant.rounding import ROUNDING_MODES
 from .codec import StateCodec
 
 DEFAULT_BLOCK_SIZE = {8: 256, 4: 128}
+
+
+def _plain_cpu(*ts: torch.Tensor) -> bool:
+    return all(type(t) is torch.Tensor and t.device.type == "cpu" and t.is_contiguous() for t in ts)
+
+
+def _kernels(*ts: torch.Tensor):
+    """The compiled module when these tensors can go through it (plain contiguous CPU tensors), else None."""
+    return load_cpu_kernels() if _plain_cpu(*ts) else None
 
 
 @dataclass(frozen=True)
@@ -82,17 +97,31 @@ class Quantized(StateCodec):
         state[f"{name}.scales"] = torch.zeros(num_blocks(n, self.block_size), dtype=self.torch_scale_dtype, device=dev)
 
     def decode(self, state, name, param):
-        flat = dequantize_blockwise(
-            state[f"{name}.codes"], state[f"{name}.scales"], self.qmap, self.block_size, param.numel()
-        )
-        return flat.view(param.shape)
+        codes, scales = state[f"{name}.codes"], state[f"{name}.scales"]
+        kernels = _kernels(codes, scales)
+        if kernels is not None:
+            out = torch.empty(param.shape, dtype=torch.float32)
+            kernels.dequantize_into(codes, scales, self.qmap.levels, self.bits, self.block_size, out)
+            return out
+        return dequantize_blockwise(codes, scales, self.qmap, self.block_size, param.numel()).view(param.shape)
 
     def encode(self, state, name, value, *, salt=0):
-        codes, scales = quantize_blockwise(
+        codes, scales = state[f"{name}.codes"], state[f"{name}.scales"]
+        kernels = _kernels(value, codes, scales)
+        if kernels is not None and value.dtype == torch.float32:
+            if kernels.any_nonfinite_f32(value):
+                raise FloatingPointError("input contains NaN or Inf values; refusing to quantize it")
+            q = self.qmap
+            tables = [q.levels, q.lut, q.midpoints, q.mid_lut]
+            geometry = [q.lut_mantissa_bits, q.lut_exp_range, q.mid_mantissa_bits, q.mid_exp_range]
+            kernels.quantize_into(value, codes, scales, tables, geometry, q.signed, self.bits,
+                                  self.rounding == "stochastic", salt, self.block_size)  # fmt: skip
+            return
+        new_codes, new_scales = quantize_blockwise(
             value, self.qmap, self.block_size, self.rounding, salt, self.torch_scale_dtype
         )
-        state[f"{name}.codes"].copy_(codes)
-        state[f"{name}.scales"].copy_(scales)
+        codes.copy_(new_codes)
+        scales.copy_(new_scales)
 
     def shared_tensors(self):
         tag = f"map.{self.qmap.name}.{self.bits}bit.{'signed' if self.signed else 'unsigned'}.{id(self.qmap):x}"
