@@ -143,3 +143,30 @@ def test_lowrank_codecs_plug_in_when_the_module_exists():
     m, v = opt.describe_codecs(net[0].weight).values()
     assert type(m).__name__ == "LowRank" and m.refresh == "online" and v.nonnegative
     assert "exp_avg.u" in opt.state[net[0].weight] and all(torch.isfinite(p).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("m_codec", ["4bit", "8bit"])
+def test_fused_factored_kernel_matches_the_reference_path(m_codec):
+    from efficient_optim.kernels.cpu import load_cpu_kernels
+
+    if load_cpu_kernels() is None:
+        pytest.skip("the CPU kernel could not be built here")
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(96, 256) * 0.02) for _ in range(2)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kw = dict(lr=1e-2, weight_decay=0.1, m_codec=m_codec, min_quantize_numel=0)
+    fused, plain = eo.HybridAdam(params, **kw), eo.HybridAdam(ref, fused=False, **kw)
+    for t in range(1, 6):
+        for p, q in zip(params, ref):
+            g = torch.randn(96, 256, generator=torch.Generator().manual_seed(t)) * 1e-2
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+        if t == 1:  # one step: only the means' summation order differs
+            s, r = fused.state[params[0]], plain.state[ref[0]]
+            assert torch.allclose(s["exp_avg_sq.row"], r["exp_avg_sq.row"], rtol=1e-6)
+            assert torch.allclose(s["exp_avg_sq.col"], r["exp_avg_sq.col"], rtol=1e-6)
+            assert (s["exp_avg.codes"] != r["exp_avg.codes"]).float().mean() < 1e-3
+    for p, q in zip(params, ref):
+        assert torch.allclose(p, q, atol=1e-5, rtol=0)
+        assert torch.allclose(fused.state[p]["exp_avg_sq.col"], plain.state[q]["exp_avg_sq.col"], rtol=1e-4)

@@ -454,6 +454,91 @@ void adamw_quantized_step(torch::Tensor p, torch::Tensor g, torch::Tensor m_code
   else TORCH_CHECK(false, "bits must be 4 or 8");
 }
 
+// Fused AdamW step over one (R, C) matrix whose first moment is block-quantized and whose second moment is
+// factored (state/factored.py: row means `row` (R), column means `col` (C), V_hat = outer(row, col) / mean(row)).
+// Per row: decode m, form V_hat's row, apply the AdamW update (v = beta2 V_hat + (1 - beta2) g^2), re-encode m,
+// and accumulate the new v's row and column sums in double. Rows are processed in fixed chunks whose column
+// partial sums are added in chunk order, so the result does not depend on the number of threads (exact resume).
+// Needs C % block_size == 0 (every quantization block inside one row). Same arithmetic as the reference path
+// (HybridAdam with fused=False) up to the summation order of the means.
+template <int MB>
+void adamw_factored_rows(float* p, const float* g, StateView m, float* row, float* col, int64_t R, int64_t C,
+                         int64_t block, float row_eps, float lr, float beta1, float beta2, float eps, float weight_decay,
+                         float step_size, float sqrt_bc2) {
+  double total = 0.0;
+  for (int64_t i = 0; i < R; ++i) total += row[i];
+  float scale = static_cast<float>(total / static_cast<double>(R));
+  scale = scale > row_eps ? scale : row_eps;
+  std::vector<float> rscaled(R);
+  for (int64_t i = 0; i < R; ++i) rscaled[i] = row[i] / scale;
+  const int64_t chunk = 32;
+  const int64_t nchunks = (R + chunk - 1) / chunk;
+  std::vector<double> colpart(static_cast<size_t>(nchunks * C), 0.0);
+  std::vector<float> newrow(R);
+  const float decay = 1.0f - lr * weight_decay;
+  const int64_t per_row = C / block;
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> mbuf(C), vbuf(C);
+    std::vector<int32_t> tmp(block);
+    StateView local = m;
+    for (int64_t c = c0; c < c1; ++c) {
+      double* cp = colpart.data() + c * C;
+      const int64_t i1 = std::min(R, (c + 1) * chunk);
+      for (int64_t i = c * chunk; i < i1; ++i) {
+        const int64_t first_block = i * per_row;
+        for (int64_t k = 0; k < per_row; ++k)
+          decode_block<MB>(local, (first_block + k) * block, block, load_scale(local, first_block + k), mbuf.data() + k * block);
+        const float ri = rscaled[i];
+        for (int64_t j = 0; j < C; ++j) vbuf[j] = ri * col[j];
+        adamw_update(p + i * C, g + i * C, mbuf.data(), vbuf.data(), C, beta1, beta2, eps, decay, step_size, sqrt_bc2);
+        for (int64_t k = 0; k < per_row; ++k) {
+          const int64_t b = first_block + k;
+          const float sc = store_scale(local, b, block_absmax(mbuf.data() + k * block, block));
+          encode_block<MB>(local, mbuf.data() + k * block, tmp.data(), b * block, block, sc);
+        }
+        double rs = 0.0;
+        for (int64_t j = 0; j < C; ++j) {
+          rs += vbuf[j];
+          cp[j] += vbuf[j];
+        }
+        newrow[i] = static_cast<float>(rs / static_cast<double>(C));
+      }
+    }
+  });
+  for (int64_t i = 0; i < R; ++i) row[i] = newrow[i];
+  for (int64_t j = 0; j < C; ++j) {
+    double t = 0.0;
+    for (int64_t c = 0; c < nchunks; ++c) t += colpart[c * C + j];
+    col[j] = static_cast<float>(t / static_cast<double>(R));
+  }
+}
+
+void adamw_quantized_factored_step(torch::Tensor p, torch::Tensor g, torch::Tensor m_codes, torch::Tensor m_scales,
+                                   std::vector<torch::Tensor> m_tables, std::vector<int64_t> m_geometry, bool m_signed,
+                                   int64_t m_bits, bool m_stochastic, int64_t m_salt, int64_t block_size,
+                                   torch::Tensor row, torch::Tensor col, double row_eps, double lr, double beta1,
+                                   double beta2, double eps, double weight_decay, double step_size, double sqrt_bc2) {
+  TORCH_CHECK(p.dtype() == torch::kFloat32 && p.is_contiguous() && p.dim() == 2, "param must be a contiguous fp32 matrix");
+  TORCH_CHECK(g.dtype() == torch::kFloat32 && g.is_contiguous() && g.sizes() == p.sizes(), "grad must match param");
+  const int64_t R = p.size(0), C = p.size(1);
+  TORCH_CHECK(row.dtype() == torch::kFloat32 && row.is_contiguous() && row.numel() == R, "row must be fp32 (R,)");
+  TORCH_CHECK(col.dtype() == torch::kFloat32 && col.is_contiguous() && col.numel() == C, "col must be fp32 (C,)");
+  TORCH_CHECK(block_size >= 2 && block_size % 2 == 0 && C % block_size == 0, "block_size must be even and divide C");
+  TORCH_CHECK(m_scales.numel() == R * C / block_size, "scales size mismatch");
+  StateView m = state_view(m_codes, m_scales, m_tables, m_geometry, m_signed, m_stochastic, m_salt);
+  auto args = std::make_tuple(static_cast<float>(row_eps), static_cast<float>(lr), static_cast<float>(beta1),
+                              static_cast<float>(beta2), static_cast<float>(eps), static_cast<float>(weight_decay),
+                              static_cast<float>(step_size), static_cast<float>(sqrt_bc2));
+  auto run = [&](auto fn) {
+    std::apply([&](auto... a) {
+      fn(p.data_ptr<float>(), g.data_ptr<float>(), m, row.data_ptr<float>(), col.data_ptr<float>(), R, C, block_size, a...);
+    }, args);
+  };
+  if (m_bits == 8) run(adamw_factored_rows<8>);
+  else if (m_bits == 4) run(adamw_factored_rows<4>);
+  else TORCH_CHECK(false, "bits must be 4 or 8");
+}
+
 // Block-wise quantize the contiguous fp32 tensor x into existing codes and scales: the same arithmetic as
 // quantize_blockwise() in quant/blockwise.py (scale = block absmax, bf16 rounded up; codes through the
 // map's bucket tables; stochastic draws keyed by the element's flat index and salt). Used by the
@@ -537,6 +622,8 @@ bool any_nonfinite_f32(torch::Tensor t) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("adamw_quantized_step", &adamw_quantized_step, "fused block-quantized AdamW step (CPU)");
   mod.def("any_nonfinite_f32", &any_nonfinite_f32, "NaN/Inf check on the bit pattern (CPU)");
+  mod.def("adamw_quantized_factored_step", &adamw_quantized_factored_step,
+          "fused AdamW step, block-quantized m and factored (row/column) v (CPU)");
   mod.def("quantize_into", &quantize_into, "block-wise quantize fp32 into codes and scales (CPU)");
   mod.def("dequantize_into", &dequantize_into, "block-wise dequantize codes and scales into fp32 (CPU)");
 }

@@ -14,11 +14,14 @@ row and column means, which is exactly Adafactor's moving average of the row/col
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..state import StateCodec
+from ..kernels.cpu import load_cpu_kernels
+from ..state import Quantized, StateCodec, sharded
 from ..state.factored import Factored
-from .qadamw import QAdamW
+from .qadamw import QAdamW, _kernel_tables
 from .rule_loop import small
 from .validation import check_choice, check_int
 
@@ -69,6 +72,11 @@ class HybridAdam(QAdamW):
     checkpoint must be built with the same instance.
 
     With ``m_codec="fp32", v_codec="fp32"`` it is ``torch.optim.AdamW`` (tested).
+
+    Fused CPU paths (``fused=None``, the default, or True): both moments quantized use QAdamW's kernel; a
+    quantized m with a factored v uses a kernel of its own for fp32 matrices whose row length is a multiple
+    of m's block size (the same arithmetic as the reference path up to the summation order of the row and
+    column means; thread-count independent, so resuming is exact). ``fused=False`` runs the PyTorch path.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
@@ -116,6 +124,28 @@ class HybridAdam(QAdamW):
             return lowrank_codec(prefix, resolved)
         bits = (M_CODECS if prefix == "m" else V_CODECS)[choice]
         return super()._moment_codec({**group, f"{prefix}_bits": bits}, prefix, p)
+
+    def _fused_step(self, group, index, p, g, state, mc, vc) -> bool:
+        if not (isinstance(mc, Quantized) and isinstance(vc, Factored)):
+            return super()._fused_step(group, index, p, g, state, mc, vc)
+        if group["fused"] is False or sharded.is_dtensor(p) or type(p.data) is not torch.Tensor:
+            return False
+        if p.dim() != 2 or p.device.type != "cpu" or p.dtype != torch.float32 or g.dtype != torch.float32:
+            return False
+        if not p.is_contiguous() or p.shape[1] % mc.block_size:
+            return False
+        kernels = load_cpu_kernels()
+        if kernels is None or not hasattr(kernels, "adamw_quantized_factored_step"):
+            return False
+        step = int(state["step"].item())
+        beta1, beta2 = group["betas"]
+        kernels.adamw_quantized_factored_step(
+            p, g.contiguous(), state["exp_avg.codes"], state["exp_avg.scales"], *_kernel_tables(mc.qmap), mc.bits,
+            mc.rounding == "stochastic", self._salt(group, index, "exp_avg", step), mc.block_size,
+            state["exp_avg_sq.row"], state["exp_avg_sq.col"], vc.eps, group["lr"], beta1, beta2, group["eps"],
+            group["weight_decay"], group["lr"] / (1 - beta1**step), math.sqrt(1 - beta2**step),
+        )  # fmt: skip
+        return True
 
     # ------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
