@@ -13,6 +13,7 @@ import torch
 
 from ..quant.rounding import ROUNDING_MODES
 from ..state.factored import Factored
+from ..state.sharded import resolve_partial
 from .base import NONFINITE_POLICIES, CodecOptimizer
 from .lion import STATE_BITS
 from .rule_loop import run_rule, state_codec
@@ -22,7 +23,8 @@ _FACTORED = Factored()
 
 
 def _rms(t: torch.Tensor) -> float:
-    return float(t.norm(2) / math.sqrt(t.numel()))
+    # the global RMS of a DTensor: its norm is a pending partial reduction until resolved
+    return float(resolve_partial(t.norm(2)) / math.sqrt(t.numel()))
 
 
 class Adafactor(CodecOptimizer):

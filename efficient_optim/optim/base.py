@@ -90,6 +90,7 @@ class CodecOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_release", None)
 
     # -------------------------------------------------------------------------------- the step
+    @torch.compiler.disable  # eager inside torch.compile'd code: kernels + codec bookkeeping, nothing to trace
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step.
@@ -247,13 +248,16 @@ class CodecOptimizer(torch.optim.Optimizer):
         optimizer's parameters or settings (different shapes, bits, block size, ...).
         """
         saved_state = state_dict["state"]
+        # saved state keys -> parameters as torch maps them: through the groups' "params" lists (indices, or
+        # parameter names in the state dicts of torch.distributed.checkpoint's get_optimizer_state_dict)
+        saved_ids = [k for g in state_dict["param_groups"] for k in g["params"]]
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        # torch casts floating-point state to the parameter's dtype; restore the saved dtypes exactly
+        id_map = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
+        # torch casts every state tensor to a floating parameter's dtype; restore the saved dtypes exactly
         for key, st in saved_state.items():
-            if not isinstance(key, int) or key >= len(params):
+            p = id_map.get(key)
+            if p is None:
                 continue
-            p = params[key]
             for k, v in st.items():
                 if isinstance(v, torch.Tensor):
                     self.state[p][k] = v.to(device=p.device, copy=True)

@@ -39,7 +39,8 @@ TINY = 1e-30  # default floor of mean(row) when reconstructing (an all-zero mome
 
 
 def _reconstruct(row: torch.Tensor, col: torch.Tensor, eps: float) -> torch.Tensor:
-    scale = row.mean(dim=-1, keepdim=True).clamp_min_(eps)
+    # out of place: on a row-sharded DTensor the mean is a pending partial sum, which an in-place op cannot complete
+    scale = row.mean(dim=-1, keepdim=True).clamp_min(eps)
     return (row / scale).unsqueeze(-1) * col.unsqueeze(-2)
 
 

@@ -258,7 +258,7 @@ class ShardedFactored(ShardAdapter):
         row, col = state[f"{name}.row"], state[f"{name}.col"]
         # Factored.decode's arithmetic; the global mean may come back as a pending (partial) DTensor reduction,
         # which must be completed before an in-place clamp
-        scale = resolve_partial(row.mean(dim=-1, keepdim=True)).clamp_min_(TINY)
+        scale = resolve_partial(row.mean(dim=-1, keepdim=True)).clamp_min_(getattr(self.inner, "eps", TINY))
         return (row / scale).unsqueeze(-1) * col.unsqueeze(-2)
 
     def encode(self, state, name, value, *, salt=0, **kw):
@@ -485,14 +485,18 @@ def _layout_shape(codec: ShardLocal, name: str, key: str, param) -> tuple[int, .
     return tuple(param.device_mesh.size(i) for i in dims) + (math.prod(shape),)
 
 
-def _local_keys(opt):
-    """Yields ``(index, param, codec, state name, key)`` of every local-shard state of DTensor parameters."""
+def _local_keys(opt, dtensor_only: bool = True):
+    """Yields ``(index, param, codec, state name, key)`` of every local-shard state of DTensor parameters;
+    with ``dtensor_only=False`` also the states of plain parameters that would be local-shard states if the
+    parameter were sharded (element-wise, non-dense codecs)."""
     index = 0
     for group in opt.param_groups:
         for p in group["params"]:
-            if is_dtensor(p):
+            if is_dtensor(p) or not dtensor_only:
                 for name, codec in opt.codecs(p, group).items():
-                    if isinstance(codec, ShardLocal):
+                    if isinstance(codec, ShardLocal) or (
+                        not is_dtensor(p) and is_elementwise(codec) and not isinstance(codec, Dense)
+                    ):
                         for key in codec.expected(name, p):
                             yield index, p, codec, name, key
             index += 1
