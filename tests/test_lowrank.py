@@ -255,6 +255,42 @@ def test_full_rank_lowrank_adam_matches_adamw(strategy):
     assert lb == pytest.approx(la, rel=1e-4)
 
 
+@pytest.mark.parametrize("tail", ["gradient", "ema"])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_tail_outside_the_subspace_follows_the_reference_formula(tail, shape):
+    """Step 2 of rank-2 LowRankAdam (online) against the formula of ``_codec_step``'s docstring: with
+    ``tail="gradient"`` the first moment outside span(U) is the current gradient, with ``"ema"`` it is the
+    compressed EMA's ``(1 - beta1) g``."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(shape))
+    lr, (b1, b2), eps = 1e-2, (0.9, 0.999), 1e-8
+    opt = LowRankAdam([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=0.0, rank=2, update_strategy="online",
+                      v_storage="dense", min_lowrank_numel=0, tail=tail)  # fmt: skip
+    g1, g2 = torch.randn(shape), torch.randn(shape)
+    p.grad = g1
+    opt.step()
+    group, state = opt.param_groups[0], opt.state[p]
+    codecs = opt.codecs(p, group)
+    m1 = codecs["exp_avg"].decode(state, "exp_avg", p).clone()
+    v1 = codecs["exp_avg_sq"].decode(state, "exp_avg_sq", p).clone()
+    u = state["exp_avg.u"].clone()  # (short side, r), orthonormal
+    before = p.detach().clone()
+    p.grad = g2
+    opt.step()
+    m = b1 * m1 + (1 - b1) * g2
+    v = b2 * v1 + (1 - b2) * g2 * g2
+    gm = g2 if shape[0] <= shape[1] else g2.t()
+    out = gm - u @ (u.t() @ gm)  # (I - U U^T) g, oriented (short, long)
+    out = out if shape[0] <= shape[1] else out.t()
+    if tail == "gradient":
+        mhat = (m - (1 - b1) * out) / (1 - b1**2) + out
+    else:
+        mhat = m / (1 - b1**2)
+    expected = before - lr * mhat / ((v / (1 - b2**2)).sqrt() + eps)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert out.norm() > 0.1 * g2.norm()  # the tail is not negligible: the two settings really differ
+
+
 @pytest.mark.parametrize("strategy", UPDATE_STRATEGIES)
 def test_every_strategy_trains_and_reports_p7_diagnostics(strategy):
     model = mlp()

@@ -51,12 +51,14 @@ from ..state.lowrank import (
     randomized_svd,
     randomized_svd_numel,
 )
+from ..state.sharded import is_dtensor
 from .adamw_rule import adamw_update_
 from .base import NONFINITE_POLICIES, CodecOptimizer
 from .validation import check_betas, check_choice, check_int, check_nonneg, check_positive
 
 UPDATE_STRATEGIES = ("online", "randomized", "periodic", "factor_ema")
 V_STORAGE = ("factored", "dense", "lowrank")
+TAILS = ("gradient", "ema")
 # svd_freq when None, per strategy (from the measurements in docs/lowrank_adam.md). For "online" it is
 # how often the subspace is re-drawn by randomized SVD (0: only at the first step); "factor_ema" factors
 # every gradient, whatever svd_freq says.
@@ -162,6 +164,9 @@ class LowRankAdam(CodecOptimizer):
         max_rank_fraction: matrices with ``rank > max_rank_fraction * min(m, n)`` keep dense moments
             (default 0.5: above it the factors of a square matrix are no smaller than the dense moment).
         lowrank: False keeps a group's parameters dense (e.g. embeddings). Default True.
+        tail: the first moment outside the stored subspace (``"online"``/``"randomized"``): ``"gradient"``
+            (default: the current gradient, an unbiased estimate) or ``"ema"`` (what the compressed EMA
+            gives: ``(1 - beta1) g``, 10x too small for a persistent direction at beta1 = 0.9).
         galore_scale: GaLore's scale alpha of the projected-back update (``"periodic"`` only; default 1.0).
         seed: seed of the random test matrices (mixed with parameter index and step; never the global RNG).
         nonfinite: ``"skip"`` (default) the step on a NaN/Inf gradient with a warning, or ``"raise"``.
@@ -187,6 +192,7 @@ class LowRankAdam(CodecOptimizer):
         min_lowrank_numel: int = 4096,
         max_rank_fraction: float = 0.5,
         lowrank: bool = True,
+        tail: str = "gradient",
         galore_scale: float = 1.0,
         seed: int = 0,
         nonfinite: str = "skip",
@@ -199,7 +205,7 @@ class LowRankAdam(CodecOptimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, svd_freq=svd_freq,
             update_strategy=update_strategy, v_storage=v_storage, oversample=oversample, power_iters=power_iters,
-            min_lowrank_numel=min_lowrank_numel, max_rank_fraction=max_rank_fraction, lowrank=lowrank,
+            min_lowrank_numel=min_lowrank_numel, max_rank_fraction=max_rank_fraction, lowrank=lowrank, tail=tail,
             galore_scale=galore_scale, seed=seed, nonfinite=nonfinite, correction_bits=correction_bits,
             weight_rounding=weight_rounding,
         )  # fmt: skip
@@ -229,6 +235,7 @@ class LowRankAdam(CodecOptimizer):
             raise ValueError(f"invalid max_rank_fraction: {f!r} (must be in (0, 1])")
         if not isinstance(group["lowrank"], bool):
             raise ValueError(f"invalid lowrank: {group['lowrank']!r} (True or False)")
+        check_choice("tail", group["tail"], TAILS)
         check_positive("galore_scale", group["galore_scale"])
         check_int("seed", group["seed"], 0)
 
@@ -307,6 +314,13 @@ class LowRankAdam(CodecOptimizer):
         for group, items in work:
             dense = ([], [], [], [], [])
             for index, p, g in items:
+                if is_dtensor(p) and self.kind(p, group) != "dense":
+                    raise NotImplementedError(
+                        f"LowRankAdam: parameter #{index} {tuple(p.shape)} is sharded (FSDP2 DTensor) and would get "
+                        "low-rank moments, which this optimizer computes on the whole matrix. Use "
+                        "create_optimizer('hybrid_adam', ..., m_codec='lowrank') (its factors shard with the "
+                        "parameter), DDP, or lowrank=False for this parameter's group (docs/distributed.md)"
+                    )
                 codecs = self.codecs(p, group)
                 state = self._init_or_check_state(p, group, codecs, index)
                 state["step"] += 1
@@ -347,13 +361,36 @@ class LowRankAdam(CodecOptimizer):
             codec.encode(state, name, value, salt=salt)
 
     def _codec_step(self, group, index, p, g, state, codecs, step, ws, kind) -> dict | None:
-        """online / randomized (and dense bf16): decode, the exact AdamW step, encode (compress) the moments."""
+        """online / randomized (and dense bf16): decode, the AdamW step, encode (compress) the moments.
+
+        With ``tail="gradient"`` the first moment used for the step is
+        ``(beta1 M + (1 - beta1) P g) / (1 - beta1^t) + (I - P) g`` (``P = U U^T``, the stored subspace):
+        outside the subspace the momentum is unknown and the current gradient is its unbiased estimate.
+        With ``tail="ema"`` it is the plain ``(beta1 M + (1 - beta1) g) / (1 - beta1^t)``. Either way the
+        state stored is the compressed EMA update ``beta1 M + (1 - beta1) g``.
+        """
         beta1, beta2 = group["betas"]
         mc, vc = codecs["exp_avg"], codecs["exp_avg_sq"]
         m = mc.decode(state, "exp_avg", p)
         v = vc.decode(state, "exp_avg_sq", p)
-        adamw_update_(p, g, m, v, step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                      weight_decay=group["weight_decay"])  # fmt: skip
+        if kind == "dense" or group["tail"] == "ema":
+            adamw_update_(p, g, m, v, step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                          weight_decay=group["weight_decay"])  # fmt: skip
+            coef = None
+        else:
+            u, _ = mc.factors(state, "exp_avg")  # the subspace before this step's encode (zeros at step 1)
+            gm = LowRank.matrix(g)
+            coef = gm.t() @ u  # (long, r): coordinates of g in span(U)
+            tail = gm - u @ coef.t()  # (I - U U^T) g, oriented
+            if tail.shape[0] != p.shape[0]:
+                tail = tail.t()
+            tail = tail.reshape(p.shape)
+            bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            mhat = (m - (1 - beta1) * tail).div_(bc1).add_(tail)
+            p.addcdiv_(mhat, (v / bc2).sqrt_().add_(group["eps"]), value=-group["lr"])
         self._encode(mc, state, "exp_avg", m, self._salt(group, index, "exp_avg", step), ws)
         self._encode(vc, state, "exp_avg_sq", v, self._salt(group, index, "exp_avg_sq", step), ws)
         if kind == "dense":
