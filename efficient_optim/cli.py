@@ -1,4 +1,4 @@
-"""The ``effopt`` command line: ``list``, ``bench``, ``suite``, ``report`` and ``characterize``."""
+"""The ``effopt`` command line: ``list``, ``bench``, ``suite``, ``report``, ``characterize`` and ``decompose``."""
 
 from __future__ import annotations
 
@@ -69,12 +69,19 @@ def _characterize(argv) -> int:
     return main(argv)
 
 
+def _decompose(argv) -> int:
+    from .analysis.decomposition import main
+
+    return main(argv)
+
+
 COMMANDS = {
     "list": ("registered optimizers and whether each is installed", _list),
     "bench": ("compare optimizers on a small LM (see effopt bench --help)", _bench),
     "suite": ("run a research protocol with verdicts: effopt suite {p1,p7,...} (see effopt suite --help)", _suite),
     "report": ("rebuild report.md and plots from a run folder: effopt report DIR", _report),
     "characterize": ("why low-bit states fail and what fixes them (P2/P5/P6): effopt characterize [--quick]", _characterize),
+    "decompose": ("where a hybrid optimizer's error comes from (P3): effopt decompose [...]", _decompose),
 }
 
 
@@ -84,7 +91,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: effopt {" + ",".join(COMMANDS) + "} [options]\n")
         for name, (text, _) in COMMANDS.items():
-            print(f"  {name:8s} {text}")
+            print(f"  {name:13s} {text}")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
