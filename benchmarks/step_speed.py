@@ -36,6 +36,9 @@ CANDIDATES = {
     "hybrid_adam": (lambda p: eo.create_optimizer("hybrid_adam", p, lr=1e-3), 13),
     "hybrid_adam_m8": (lambda p: eo.create_optimizer("hybrid_adam", p, lr=1e-3, m_codec="8bit"), 14),
     "hybrid_adam_lowrank_m": (lambda p: eo.create_optimizer("hybrid_adam", p, lr=1e-3, m_codec="lowrank"), 12),
+    "lowrank_adam": (lambda p: eo.create_optimizer("lowrank_adam", p, lr=1e-3), 12),
+    "lowrank_adam_randomized": (lambda p: eo.create_optimizer("lowrank_adam", p, lr=1e-3, update_strategy="randomized"), 12),
+    "lowrank_adam_periodic": (lambda p: eo.create_optimizer("lowrank_adam", p, lr=1e-3, rank=128, update_strategy="periodic"), 12),
     "adafactor": (lambda p: eo.create_optimizer("adafactor", p, lr=1e-3), 12),
     "adafactor_hf": (lambda p: eo.create_optimizer("adafactor_hf", p, lr=1e-3), 12),
     "lion": (lambda p: eo.create_optimizer("lion", p, lr=1e-4), 20),
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
         except (ImportError, ValueError) as exc:
             print(f"{name:20s} skipped: {exc}")
             continue
-        slow = ("bnb", "torchao", "galore", "apollo", "came", "adafactor", "lion", "sgd", "hybrid", "adam_mini")
+        slow = ("bnb", "torchao", "galore", "apollo", "came", "adafactor", "lion", "sgd", "hybrid", "adam_mini", "lowrank")
         repeats = args.anchor_repeats if name.startswith(slow) or "reference" in name else args.repeats
         warm, times = time_steps(opt.step, args.warmup, repeats)
         floor_ms = moved * n / (bw * 1e9) * 1e3

@@ -12,7 +12,7 @@ One command trains the tiny LM through the benchmark harness (``train_run``: res
   trains), plus each other fix: how much of the remaining gap each one recovers;
 - **combined**: the library's 4-bit default and all fixes together (with and without learned codebooks);
 - **naive at other learning rates** (and, if naive 4-bit trains fine, an escalation to the setting where
-  it fails: larger learning rate, more steps);
+  it fails: larger learning rate, more steps); fp32 at half and twice the learning rate (the scale of a gap);
 - **per-layer sensitivity**: one layer group at a time at 4 bits (``--sensitivity-preset``), the rest in fp32.
 
     effopt characterize                          # the full study (about 1-2 h on 2 busy CPU cores)
@@ -83,7 +83,7 @@ class Entry:
 
     key: str
     label: str
-    stage: str  # core, fix, stage2, combined, lr, escalation, sensitivity
+    stage: str  # core, fix, stage2, combined, lr, control, escalation, sensitivity
     spec: str
     fix: str | None = None
     group: str | None = None
@@ -117,6 +117,9 @@ def configurations(quick: bool, base_lr: float) -> list[Entry]:
         for f in (0.1, 0.3):
             lr = base_lr * f
             out.append(Entry(f"naive4@lr={lr:g}", f"naive 4-bit at lr {lr:g}", "lr", qspec(NAIVE), overrides={"lr": lr}))
+        for f in (0.5, 2.0):  # how far the learning rate alone moves fp32: the scale of a "gap"
+            lr = base_lr * f
+            out.append(Entry(f"fp32@lr={lr:g}", f"fp32 AdamW at lr {lr:g}", "control", "adamw", overrides={"lr": lr}))
     return out
 
 
@@ -433,6 +436,11 @@ def main(argv=None) -> int:
                 if not any(a == flag or a.startswith(flag + "=") for a in argv_list):
                     setattr(args, dest, value)
         base = base_config(args)
+        if args.log:
+            raise UsageError("--log is not supported by effopt characterize (its records are in each run's probes.jsonl)")
+        if base.grad_release:
+            raise UsageError("--grad-release steps parameters inside backward, around the optimizer's step hooks the "
+                             "probes use: characterize without it")  # fmt: skip
         if args.seeds < 1:
             raise UsageError("--seeds must be >= 1")
         out = output_folder(args, "characterize")

@@ -242,7 +242,7 @@ def _distribution_answer(recs: list[dict]) -> dict:
 def _growth_answer(by_key) -> dict:
     out = {}
     for c in by_key.values():
-        if c["stage"] == "sensitivity" or c["diverged"] or not c["errors"]:
+        if c["stage"] in ("sensitivity", "control") or c["diverged"] or not c["errors"]:
             continue
         if c["key"] == "fp32":
             continue
@@ -349,7 +349,7 @@ def _layer_answer(by_key, records) -> dict:
 def _correlation_answer(by_key) -> dict:
     xs_m, xs_v, ys, keys = [], [], [], []
     for c in by_key.values():
-        if c["stage"] in ("sensitivity", "lr", "escalation") or c["diverged"] or c["key"] == "fp32" or c["gap_pct"] is None:
+        if c["stage"] in ("sensitivity", "lr", "escalation", "control") or c["diverged"] or c["key"] == "fp32" or c["gap_pct"] is None:
             continue
         if not c["errors"]:
             continue
@@ -588,6 +588,11 @@ def sentences(a: dict) -> dict[str, list[str]]:
             lines.append("Groups that tolerate 4 bits (gap < 0.5 %): " + ", ".join(x["group"] for x in tol) + ".")
     S["Which layers fail first: early vs late, attention vs MLP vs embeddings?"] = lines or ["Not measured."]
 
+    ctrl = [c for c in a["configs"] if c["stage"] == "control" and c["runs"]]
+    if ctrl:
+        S["Context: how far does the learning rate alone move fp32?"] = [
+            f"{c['label']}: " + ("diverges." if c["diverged"] else f"val loss {c['final_val_loss']:.4f}, {_pct(c['gap_pct'])} against "
+                                 f"fp32 at the base learning rate ({fp}).") for c in ctrl]  # fmt: skip
     sh = ans["sharpness"]
     lines = []
     for key, v in sh.items():
@@ -651,7 +656,7 @@ def figures(out: Path, a: dict) -> list[Path]:
     drew = False
     for ax, s in zip(axes, STATES):
         for c in a["configs"]:
-            if c["stage"] in ("sensitivity", "lr", "escalation") or c["key"] == "fp32" or c["diverged"]:
+            if c["stage"] in ("sensitivity", "lr", "escalation", "control") or c["key"] == "fp32" or c["diverged"]:
                 continue
             es = error_summary(records.get(c["key"], []))
             e = es.get(STATE_NAMES[s])
@@ -845,7 +850,7 @@ def write_report(out: Path, redraw: bool = True) -> Path:
                   "that diverged, at the first step). "
                   + ("**Quick mode: a smoke test, not results.**" if a.get("quick") else ""), ""]  # fmt: skip
     for q, ls in S.items():
-        lines += [f"## {q}", ""] + [x if x.startswith("  -") else f"- {x}" if not x.startswith("**") else x for x in ls] + [""]
+        lines += [f"## {q}", ""] + [x if x.startswith("  -") else f"- {x}" for x in ls] + [""]
     lines += ["## All configurations", ""] + _table(a) + [""]
     ov = [c["probe_overhead_frac"] for c in a["configs"] if c["probe_overhead_frac"] is not None]
     if ov:
