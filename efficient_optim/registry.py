@@ -252,4 +252,4 @@ register_optimizer("flash_adamw", _flash, "FlashOptim FlashAdamW (CUDA/Triton on
 register_optimizer("adamw_torchao_8bit", _torchao("AdamW8bit"), "torchao AdamW8bit", requires="torchao")
 register_optimizer("adamw_torchao_4bit", _torchao("AdamW4bit"), "torchao AdamW4bit", requires="torchao")
 register_optimizer("lowrank_adam", _ours("lowrank_adam", "LowRankAdam"),
-                   "efficient_optim LowRankAdam (P7): rank-16 first moment (online), factored v on matrices")
+                   "efficient_optim LowRankAdam (P7): rank-16 first moment (randomized SVD every 10 steps), factored v on matrices")

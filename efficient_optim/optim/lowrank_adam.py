@@ -2,11 +2,12 @@
 
 Four ``update_strategy`` values (the math and the reasons are in docs/lowrank_adam.md):
 
-- ``"online"`` (default): the first moment is ``LowRank(refresh="online")``: each step the rule computes the
+- ``"online"``: the first moment is ``LowRank(refresh="online")``: each step the rule computes the
   exact EMA update ``beta1 * U V^T + (1 - beta1) g`` (full rank: the current gradient enters the update
   at full rank), uses it for the step, and stores its projection onto a subspace moved by one
   subspace iteration (= one preconditioned gradient step on ``1/2 ||U V^T - g||^2``, "Taming Momentum").
-- ``"randomized"``: the same with ``LowRank(refresh="randomized")``: the basis is recomputed by randomized
+- ``"randomized"`` (default; the best of the four in protocol P7, docs/lowrank_adam.md): the same with
+  ``LowRank(refresh="randomized")``: the basis is recomputed by randomized
   SVD of the EMA update every ``svd_freq`` steps and kept fixed in between (``V <- beta1 V + (1 - beta1) g^T U``).
 - ``"periodic"``: GaLore (Zhao et al. 2024): every ``svd_freq`` steps the projection ``P`` (top-r left
   singular vectors of the gradient) is refreshed; both moments live in the r x n projected space and
@@ -155,7 +156,7 @@ class LowRankAdam(CodecOptimizer):
         svd_freq: steps between refreshes of the subspace: the randomized SVD of ``"randomized"``, GaLore's
             projection of ``"periodic"``, the re-drawn subspace of ``"online"`` (0 = never after the first
             step). None (default): ``DEFAULT_SVD_FREQ[update_strategy]``.
-        update_strategy: ``"online"`` (default), ``"randomized"``, ``"periodic"`` (GaLore) or
+        update_strategy: ``"randomized"`` (default), ``"online"``, ``"periodic"`` (GaLore) or
             ``"factor_ema"`` (the plan's sketch; an ablation, not sound). See the module docstring.
         v_storage: second moment of the low-rank matrices: ``"factored"`` (default), ``"dense"`` or
             ``"lowrank"``. Not used by ``"periodic"`` (its v lives in the projected space).
@@ -185,7 +186,7 @@ class LowRankAdam(CodecOptimizer):
         *,
         rank: int = 16,
         svd_freq: int | None = None,
-        update_strategy: str = "online",
+        update_strategy: str = "randomized",
         v_storage: str = "factored",
         oversample: int = 8,
         power_iters: int = 2,
