@@ -92,6 +92,33 @@ def test_fp32_parameters_ignore_master_weight_settings():
     assert "weight_correction" not in opt.state[p]
 
 
+@pytest.mark.parametrize("name", ["qadamw4", "lion8", "hybrid_adam"])
+def test_default_weight_rounding_is_stochastic_for_bf16_and_nearest_with_corrections(name):
+    """weight_rounding="auto" (the default): bf16 parameters without correction bits are rounded
+    stochastically (bit-identical to asking for it), with correction bits the residual is stored as with
+    "nearest"; fp32 parameters are untouched by the setting."""
+
+    def run(dtype, **kw):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(64, 96).to(dtype))
+        opt = eo.create_optimizer(name, [p], lr=1e-4, **kw)
+        for g in grads(20, p.shape):
+            p.grad = g.to(dtype)
+            opt.step()
+        return p.detach().clone(), opt
+
+    auto, _ = run(torch.bfloat16)
+    stochastic, _ = run(torch.bfloat16, weight_rounding="stochastic")
+    nearest, _ = run(torch.bfloat16, weight_rounding="nearest")
+    assert torch.equal(auto, stochastic) and not torch.equal(auto, nearest)
+    corrected, opt = run(torch.bfloat16, correction_bits=16)
+    explicit, _ = run(torch.bfloat16, correction_bits=16, weight_rounding="nearest")
+    assert torch.equal(corrected, explicit) and "weight_correction" in opt.state[opt.param_groups[0]["params"][0]]
+    f_auto, _ = run(torch.float32)
+    f_nearest, _ = run(torch.float32, weight_rounding="nearest")
+    assert torch.equal(f_auto, f_nearest)
+
+
 @pytest.mark.parametrize("kw,message", [({"correction_bits": 4}, "correction_bits"),
                                         ({"weight_rounding": "up"}, "weight_rounding"),
                                         ({"correction_bits": 8, "weight_rounding": "kahan"}, "nearest")])  # fmt: skip

@@ -29,7 +29,7 @@ D = "adamw"
 E = "qadamw+bits=4+weight_rounding=stochastic"  # the smallest: no correction bytes at all
 LOWRANK = "lowrank_adam+update_strategy=online+correction_bits=16"
 B_VARIANTS = ("qadamw+bits=8+correction_bits=8", "qadamw+bits=8+weight_rounding=kahan",
-              "qadamw+bits=8+weight_rounding=stochastic", "qadamw+bits=8")  # fmt: skip
+              "qadamw+bits=8+weight_rounding=stochastic", "qadamw+bits=8+weight_rounding=nearest")  # fmt: skip
 # the release run: E (the smallest configuration), stepped during backward
 CNN = {"model": "digits-cnn", "batch_size": 64, "context": None, "layers": None, "width": None, "heads": None}
 

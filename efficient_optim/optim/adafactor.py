@@ -51,7 +51,7 @@ class Adafactor(CodecOptimizer):
                  decay_rate: float = -0.8, beta1: float | None = None, weight_decay: float = 0.0,
                  scale_parameter: bool = True, relative_step: bool = True, warmup_init: bool = False, *,
                  m_bits: int = 32, rounding: str = "nearest", min_quantize_numel: int = 4096, seed: int = 0,
-                 nonfinite: str = "skip", correction_bits: int | None = None, weight_rounding: str = "nearest"):  # fmt: skip
+                 nonfinite: str = "skip", correction_bits: int | None = None, weight_rounding: str = "auto"):  # fmt: skip
         if lr is not None and relative_step:
             raise ValueError("Adafactor: cannot combine a manual lr with relative_step=True (set relative_step=False)")
         if warmup_init and not relative_step:

@@ -33,8 +33,9 @@ class CodecOptimizer(torch.optim.Optimizer):
       of the fp32 master weight in that many bits per parameter, so updates smaller than the parameter's
       precision are not lost (bf16 + 16 bits = fp32 precision in 4 bytes instead of 6).
     - ``weight_rounding``: how an updated low-precision parameter is rounded when ``correction_bits`` is
-      None: ``"nearest"`` (default, what ``copy_`` does), ``"stochastic"`` (unbiased, no memory) or
-      ``"kahan"`` (a compensation buffer of the parameter's dtype).
+      None: ``"auto"`` (default: ``"stochastic"``, or ``"nearest"`` with ``correction_bits`` or on a
+      DTensor), ``"nearest"`` (what ``copy_`` does), ``"stochastic"`` (unbiased, no memory) or ``"kahan"``
+      (a compensation buffer of the parameter's dtype). fp32 parameters are never affected.
 
     Non-finite gradients: before any state or parameter is touched, every gradient of the step is
     checked. With ``nonfinite="skip"`` (default) the whole step is skipped (no parameter, state or step
@@ -54,7 +55,7 @@ class CodecOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._release = None  # the GradientRelease handle while gradient release is on
         defaults.setdefault("correction_bits", None)
-        defaults.setdefault("weight_rounding", "nearest")
+        defaults.setdefault("weight_rounding", "auto")
         super().__init__(params, defaults)
 
     # --------------------------------------------------------------------------------- subclass API
@@ -137,7 +138,7 @@ class CodecOptimizer(torch.optim.Optimizer):
         finally:
             p.data = low
         salt = 0
-        if group.get("weight_rounding") == "stochastic":
+        if master_weights.rounding_mode(p, group) == "stochastic":
             step = int(state["step"].item()) if "step" in state else 0
             salt = mix_salt(group.get("seed", 0), index, _WEIGHT_SALT_ID, step)
         p.copy_(master_weights.close_master(p, master, state, group, salt))

@@ -37,7 +37,7 @@ class Lion(CodecOptimizer):
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *, m_bits: int = 32,
                  m_block_size: int | None = None, rounding: str = "nearest", min_quantize_numel: int = 4096,
                  seed: int = 0, nonfinite: str = "skip", correction_bits: int | None = None,
-                 weight_rounding: str = "nearest"):  # fmt: skip
+                 weight_rounding: str = "auto"):  # fmt: skip
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, m_bits=m_bits, m_block_size=m_block_size,
                         rounding=rounding, min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite,

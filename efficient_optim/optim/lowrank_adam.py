@@ -198,7 +198,7 @@ class LowRankAdam(CodecOptimizer):
         seed: int = 0,
         nonfinite: str = "skip",
         correction_bits: int | None = None,
-        weight_rounding: str = "nearest",
+        weight_rounding: str = "auto",
     ):
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         self._diag: dict = {}

@@ -14,6 +14,10 @@ to an fp32 *master* weight that never exists between steps:
   probability given by the distance (unbiased), from a counter-based hash of the seed (reproducible).
 - ``weight_rounding="nearest"``: plain round-to-nearest, what ``p.copy_(fp32_value)`` does; small updates
   below half an ulp are lost.
+- ``weight_rounding="auto"`` (the default): ``"nearest"`` when ``correction_bits`` is set (the residual is
+  stored exactly) or the parameter is sharded (DTensor: no master path), else ``"stochastic"`` — zero extra
+  bytes, unbiased, and in protocol P8 (docs/master_weights.md) as good as any mode with extra bytes.
+  fp32 parameters are never affected.
 
 State keys (plain tensors, ``torch.load(weights_only=True)``-safe): ``weight_correction`` (int8/int16) and
 ``weight_kahan`` (bf16/fp16), kept in the optimizer's per-parameter state.
@@ -27,7 +31,7 @@ from ..quant.rounding import uniform_from_hash
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 CORRECTION_BITS = (8, 16)
-WEIGHT_ROUNDING = ("nearest", "stochastic", "kahan")
+WEIGHT_ROUNDING = ("auto", "nearest", "stochastic", "kahan")
 MANTISSA_BITS = {torch.bfloat16: 8, torch.float16: 11}  # significant bits including the implicit one
 CORRECTION_KEY, KAHAN_KEY = "weight_correction", "weight_kahan"
 _INT = {8: torch.int8, 16: torch.int16}
@@ -79,17 +83,27 @@ def validate(correction_bits, weight_rounding) -> None:
         raise ValueError(f"correction_bits must be None, 8 or 16, got {correction_bits!r}")
     if weight_rounding not in WEIGHT_ROUNDING:
         raise ValueError(f"weight_rounding must be one of {WEIGHT_ROUNDING}, got {weight_rounding!r}")
-    if correction_bits is not None and weight_rounding != "nearest":
+    if correction_bits is not None and weight_rounding not in ("nearest", "auto"):
         raise ValueError(
             f"correction_bits={correction_bits} stores the exact rounding residual; it needs weight_rounding='nearest' "
             f"(got {weight_rounding!r})"
         )
 
 
+def rounding_mode(p: torch.Tensor, group: dict) -> str:
+    """The group's ``weight_rounding`` for ``p``, with ``"auto"`` resolved (see the module docstring)."""
+    mode = group.get("weight_rounding", "nearest")
+    if mode != "auto":
+        return mode
+    from ..state.sharded import is_dtensor
+
+    return "nearest" if group.get("correction_bits") is not None or is_dtensor(p) else "stochastic"
+
+
 def uses_master(p: torch.Tensor, group: dict) -> bool:
     """Whether ``p`` is updated through an fp32 master view (low-precision and a non-plain mode)."""
     return p.dtype in LOW_PRECISION and (
-        group.get("correction_bits") is not None or group.get("weight_rounding", "nearest") != "nearest"
+        group.get("correction_bits") is not None or rounding_mode(p, group) != "nearest"
     )
 
 
@@ -100,7 +114,7 @@ def open_master(p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
         if CORRECTION_KEY not in state:
             state[CORRECTION_KEY] = torch.zeros(p.shape, dtype=_INT[bits], device=p.device)
         return decode_correction(state[CORRECTION_KEY], p.detach(), bits)
-    if group.get("weight_rounding") == "kahan":
+    if rounding_mode(p, group) == "kahan":
         if KAHAN_KEY not in state:
             state[KAHAN_KEY] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return p.detach().float() + state[KAHAN_KEY].float()
@@ -109,7 +123,7 @@ def open_master(p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
 
 def close_master(p: torch.Tensor, master: torch.Tensor, state: dict, group: dict, salt: int) -> torch.Tensor:
     """Round the updated master back to ``p``'s dtype and store what was lost; returns the new low value."""
-    bits, mode = group.get("correction_bits"), group.get("weight_rounding", "nearest")
+    bits, mode = group.get("correction_bits"), rounding_mode(p, group)
     if mode == "stochastic":
         low = round_stochastic(master, p.dtype, salt)
     else:

@@ -64,8 +64,9 @@ class QAdamW(CodecOptimizer):
             False never (PyTorch reference path), True always (error if it cannot be built).
         correction_bits: for bf16/fp16 parameters, bits of the stored rounding residual of the fp32 master
             weight: None (default, no master weight), 8 or 16 (see ``optim.master_weights``).
-        weight_rounding: rounding of low-precision parameters without correction bits: ``"nearest"``
-            (default), ``"stochastic"`` or ``"kahan"``.
+        weight_rounding: rounding of low-precision parameters without correction bits: ``"auto"``
+            (default: stochastic for bf16/fp16 parameters, nearest with ``correction_bits``),
+            ``"nearest"``, ``"stochastic"`` or ``"kahan"``.
         m_correct_every, v_correct_every: error correction of a quantized (or bf16) moment (protocol P5,
             ``state.corrected.ErrorCorrected``, an ``ErrorFeedback`` with decay = the moment's beta): track
             the moment's accumulated quantization error in a compact residual and add it back every this
@@ -105,7 +106,7 @@ class QAdamW(CodecOptimizer):
         nonfinite: str = "skip",
         fused: bool | None = None,
         correction_bits: int | None = None,
-        weight_rounding: str = "nearest",
+        weight_rounding: str = "auto",
         m_correct_every: int | None = None,
         v_correct_every: int | None = None,
         ec_residual: str = "8bit",

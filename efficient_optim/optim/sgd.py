@@ -42,7 +42,7 @@ class SGD(CodecOptimizer):
                  weight_decay: float = 0.0, nesterov: bool = False, *, momentum_bits: int = 8,
                  block_size: int | None = None, rounding: str = "nearest", min_quantize_numel: int = 4096,
                  seed: int = 0, nonfinite: str = "skip", correction_bits: int | None = None,
-                 weight_rounding: str = "nearest"):  # fmt: skip
+                 weight_rounding: str = "auto"):  # fmt: skip
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, m_bits=momentum_bits, m_block_size=block_size, rounding=rounding,
