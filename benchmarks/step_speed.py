@@ -37,7 +37,7 @@ CANDIDATES = {
     "hybrid_adam_m8": (lambda p: eo.create_optimizer("hybrid_adam", p, lr=1e-3, m_codec="8bit"), 14),
     "hybrid_adam_lowrank_m": (lambda p: eo.create_optimizer("hybrid_adam", p, lr=1e-3, m_codec="lowrank"), 12),
     "lowrank_adam": (lambda p: eo.create_optimizer("lowrank_adam", p, lr=1e-3), 12),
-    "lowrank_adam_randomized": (lambda p: eo.create_optimizer("lowrank_adam", p, lr=1e-3, update_strategy="randomized"), 12),
+    "lowrank_adam_online": (lambda p: eo.create_optimizer("lowrank_adam", p, lr=1e-3, update_strategy="online"), 12),
     "lowrank_adam_periodic": (lambda p: eo.create_optimizer("lowrank_adam", p, lr=1e-3, rank=128, update_strategy="periodic"), 12),
     "adafactor": (lambda p: eo.create_optimizer("adafactor", p, lr=1e-3), 12),
     "adafactor_hf": (lambda p: eo.create_optimizer("adafactor_hf", p, lr=1e-3), 12),
