@@ -38,6 +38,42 @@ def test_adafactor_matches_transformers(kw):
     assert max_diff(a, b) < 1e-6
 
 
+@pytest.mark.parametrize("kw", [{}, {"beta1": 0.9, "weight_decay": 0.01, "m_bits": 8, "min_quantize_numel": 0},
+                                {"lr": 1e-2, "relative_step": False, "clip_threshold": 0.05}])  # fmt: skip
+def test_adafactor_factored_space_step_equals_the_generic_decode_encode_path(kw, monkeypatch):
+    """Plain >= 2-D parameters take a step computed on the row/column statistics; the generic rule loop
+    (dense decode, rule, encode) is what sharded parameters use. Both must give the same numbers, 3-D
+    tensors, quantized first moments and update clipping included."""
+    from efficient_optim.optim import adafactor as module
+    from efficient_optim.state.factored import Factored
+
+    torch.manual_seed(0)
+    params = [torch.randn(24, 40), torch.randn(6, 8, 10), torch.randn(40)]
+    fast = [torch.nn.Parameter(t.clone()) for t in params]
+    slow = [torch.nn.Parameter(t.clone()) for t in params]
+    opt_fast, opt_slow = eo.Adafactor(fast, **kw), eo.Adafactor(slow, **kw)
+    calls = []
+    real = module.Adafactor._factored_step
+    monkeypatch.setattr(module.Adafactor, "_factored_step", lambda self, *a: (calls.append(1), real(self, *a)))
+    generic_codecs = opt_slow.codecs
+    other = Factored()  # equal to the module's codec but not the same object: the generic path runs
+    opt_slow.codecs = lambda p, g: {**generic_codecs(p, g), "exp_avg_sq": other}
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        for a, b in zip(fast, slow):
+            a.grad = torch.randn(a.shape, generator=gen) * 3
+            b.grad = a.grad.clone()
+        n = len(calls)
+        opt_fast.step()
+        assert len(calls) == n + 2  # the two matrices took the factored-space step
+        opt_slow.step()
+        assert len(calls) == n + 2  # and the generic path did not
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    st_f, st_s = opt_fast.state[fast[1]], opt_slow.state[slow[1]]
+    torch.testing.assert_close(st_f["exp_avg_sq.row"], st_s["exp_avg_sq.row"], rtol=1e-5, atol=0)
+
+
 def test_lion_matches_the_reference_formula():
     a, b = models()
     train(a, eo.Lion(a.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1))

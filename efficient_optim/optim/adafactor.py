@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..quant.rounding import ROUNDING_MODES
+from ..quant.rounding import ROUNDING_MODES, mix_salt
 from ..state.factored import Factored
 from ..state.sharded import resolve_partial
 from .base import NONFINITE_POLICIES, CodecOptimizer
@@ -100,6 +100,17 @@ class Adafactor(CodecOptimizer):
         return scale * rel
 
     def update(self, work):
+        generic = []
+        for group, items in work:
+            rest = []
+            for item in items:
+                _, p, _ = item
+                if self.codecs(p, group)["exp_avg_sq"] is _FACTORED and Factored.factors(p):
+                    self._factored_step(group, *item)
+                else:
+                    rest.append(item)
+            generic.append((group, rest))
+
         def rule(group, p, g, states, step):
             lr = self.step_size(group, p, step)
             beta2t = 1.0 - step ** group["decay_rate"]
@@ -114,4 +125,44 @@ class Adafactor(CodecOptimizer):
                 p.add_(p, alpha=-group["weight_decay"] * lr)
             p.sub_(u)
 
-        run_rule(self, work, rule, {"exp_avg": 0, "exp_avg_sq": 1})
+        run_rule(self, generic, rule, {"exp_avg": 0, "exp_avg_sq": 1})
+
+    def _factored_step(self, group: dict, index: int, p: torch.Tensor, g: torch.Tensor) -> None:
+        """The rule of ``update`` for a plain (not sharded) >= 2-D parameter, computed on the row/column
+        statistics directly instead of decoding them into a dense second moment: the same arithmetic
+        (the row/column means of ``beta2t * outer(r, c) / mean(r) + (1 - beta2t) (g^2 + eps1)``, the
+        reconstruction the update divides by, and what encoding the projected moment stores), without the
+        three dense passes. Equal to the generic path to float rounding (tests/test_rules.py)."""
+        codecs = self.codecs(p, group)
+        state = self._init_or_check_state(p, group, codecs, index)
+        state["step"] += 1
+        step = int(state["step"].item())
+        p32 = p if p.dtype == torch.float32 else p.to(torch.float32)
+        g32 = g if g.dtype == torch.float32 else g.to(torch.float32)
+        lr = self.step_size(group, p32, step)
+        beta2t = 1.0 - step ** group["decay_rate"]
+        row, col = state["exp_avg_sq.row"], state["exp_avg_sq.col"]
+        sq = g32.square().add_(group["eps"][0])
+        scale = row.mean(dim=-1, keepdim=True).clamp_min(_FACTORED.eps)  # of the stored (old) statistics
+        ratio_r, ratio_c = col.mean(dim=-1, keepdim=True) / scale, row.mean(dim=-1, keepdim=True) / scale
+        row.mul_(ratio_r).mul_(beta2t).add_(sq.mean(dim=-1), alpha=1 - beta2t)
+        col.mul_(ratio_c).mul_(beta2t).add_(sq.mean(dim=-2), alpha=1 - beta2t)
+        row_mean, col_mean = row.mean(dim=-1, keepdim=True), col.mean(dim=-1, keepdim=True)
+        new_scale = row_mean.clamp_min(_FACTORED.eps)
+        # rsqrt(outer(r, c) / mean(r)) = outer(rsqrt(r / mean(r)), rsqrt(c)): on the vectors, not the matrix
+        u = (row / new_scale).rsqrt_().unsqueeze(-1) * col.rsqrt().unsqueeze(-2)
+        u.mul_(g32)
+        # what encoding the projected (rank-1) moment stores: its row and column means
+        row.mul_(col_mean / new_scale)
+        col.mul_(row_mean / new_scale)
+        u.div_(max(1.0, _rms(u) / group["clip_threshold"]))
+        u.mul_(lr)
+        if "exp_avg" in codecs:
+            m = codecs["exp_avg"].decode(state, "exp_avg", p)
+            u = m.mul_(group["beta1"]).add_(u, alpha=1 - group["beta1"])
+            codecs["exp_avg"].encode(state, "exp_avg", m, salt=mix_salt(group.get("seed", 0), index, 0, step))
+        if group["weight_decay"]:
+            p32.add_(p32, alpha=-group["weight_decay"] * lr)
+        p32.sub_(u)
+        if p32 is not p:
+            p.copy_(p32)
