@@ -16,7 +16,7 @@ from ..state.factored import Factored
 from ..state.sharded import resolve_partial
 from .base import NONFINITE_POLICIES, CodecOptimizer
 from .lion import STATE_BITS
-from .rule_loop import run_rule, state_codec
+from .rule_loop import begin_param_step, run_rule, state_codec
 from .validation import check_beta, check_choice, check_int, check_nonneg, check_positive
 
 _FACTORED = Factored()
@@ -133,12 +133,7 @@ class Adafactor(CodecOptimizer):
         (the row/column means of ``beta2t * outer(r, c) / mean(r) + (1 - beta2t) (g^2 + eps1)``, the
         reconstruction the update divides by, and what encoding the projected moment stores), without the
         three dense passes. Equal to the generic path to float rounding (tests/test_rules.py)."""
-        codecs = self.codecs(p, group)
-        state = self._init_or_check_state(p, group, codecs, index)
-        state["step"] += 1
-        step = int(state["step"].item())
-        p32 = p if p.dtype == torch.float32 else p.to(torch.float32)
-        g32 = g if g.dtype == torch.float32 else g.to(torch.float32)
+        codecs, state, step, p32, g32 = begin_param_step(self, group, index, p, g)
         lr = self.step_size(group, p32, step)
         beta2t = 1.0 - step ** group["decay_rate"]
         row, col = state["exp_avg_sq.row"], state["exp_avg_sq.col"]

@@ -23,18 +23,26 @@ def state_codec(group: dict, prefix: str, param: torch.Tensor | None, *, signed:
     return moment_codec(resolved, prefix, torch.empty(0) if param is None else param, signed=signed)
 
 
+def begin_param_step(opt, group: dict, index: int, p: torch.Tensor, g: torch.Tensor):
+    """One parameter's step begins: its codecs, its (initialized or checked) state with the step counter
+    advanced, the step number, and fp32 views of the parameter and gradient (the tensors themselves when
+    already fp32; otherwise write ``p32`` back with ``p.copy_``)."""
+    codecs = opt.codecs(p, group)
+    state = opt._init_or_check_state(p, group, codecs, index)
+    state["step"] += 1
+    step = int(state["step"].item())
+    p32 = p if p.dtype == torch.float32 else p.to(torch.float32)
+    g32 = g if g.dtype == torch.float32 else g.to(torch.float32)
+    return codecs, state, step, p32, g32
+
+
 def run_rule(opt, work: list, rule: Callable, state_ids: dict[str, int]) -> None:
     """For each parameter: fp32 views of the parameter, gradient and every state; ``rule(group, p, g,
     states, step)`` updates them in place; the parameter and states are written back (stochastic rounding
     salted by seed, parameter index, state and step)."""
     for group, items in work:
         for index, p, g in items:
-            codecs = opt.codecs(p, group)
-            state = opt._init_or_check_state(p, group, codecs, index)
-            state["step"] += 1
-            step = int(state["step"].item())
-            p32 = p if p.dtype == torch.float32 else p.to(torch.float32)
-            g32 = g if g.dtype == torch.float32 else g.to(torch.float32)
+            codecs, state, step, p32, g32 = begin_param_step(opt, group, index, p, g)
             views = {name: codec.decode(state, name, p) for name, codec in codecs.items()}
             rule(group, p32, g32, views, step)
             if p32 is not p:
