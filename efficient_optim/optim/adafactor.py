@@ -138,8 +138,9 @@ class Adafactor(CodecOptimizer):
         beta2t = 1.0 - step ** group["decay_rate"]
         row, col = state["exp_avg_sq.row"], state["exp_avg_sq.col"]
         sq = g32.square().add_(group["eps"][0])
-        scale = row.mean(dim=-1, keepdim=True).clamp_min(_FACTORED.eps)  # of the stored (old) statistics
-        ratio_r, ratio_c = col.mean(dim=-1, keepdim=True) / scale, row.mean(dim=-1, keepdim=True) / scale
+        old_row_mean = row.mean(dim=-1, keepdim=True)  # of the stored (old) statistics
+        scale = old_row_mean.clamp_min(_FACTORED.eps)
+        ratio_r, ratio_c = col.mean(dim=-1, keepdim=True) / scale, old_row_mean / scale
         row.mul_(ratio_r).mul_(beta2t).add_(sq.mean(dim=-1), alpha=1 - beta2t)
         col.mul_(ratio_c).mul_(beta2t).add_(sq.mean(dim=-2), alpha=1 - beta2t)
         row_mean, col_mean = row.mean(dim=-1, keepdim=True), col.mean(dim=-1, keepdim=True)

@@ -377,12 +377,10 @@ class LowRankAdam(CodecOptimizer):
         if kind == "dense" or group["tail"] == "ema":
             adamw_update_(p, g, m, v, step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                           weight_decay=group["weight_decay"])  # fmt: skip
-            coef = None
         else:
             u, _ = mc.factors(state, "exp_avg")  # the subspace before this step's encode (zeros at step 1)
-            gm = LowRank.matrix(g)
-            coef = gm.t() @ u  # (long, r): coordinates of g in span(U)
-            tail = gm - u @ coef.t()  # (I - U U^T) g, oriented
+            gm = LowRank.matrix(g)  # oriented like the factors: U on the short side
+            tail = gm - u @ (gm.t() @ u).t()  # (I - U U^T) g, oriented
             if tail.shape[0] != p.shape[0]:
                 tail = tail.t()
             tail = tail.reshape(p.shape)
@@ -396,7 +394,7 @@ class LowRankAdam(CodecOptimizer):
         self._encode(vc, state, "exp_avg_sq", v, self._salt(group, index, "exp_avg_sq", step), ws)
         if kind == "dense":
             return None
-        u, _ = mc.factors(state, "exp_avg")
+        u, _ = mc.factors(state, "exp_avg")  # the subspace after this step's encode
         gm = LowRank.matrix(g)  # oriented like the factors: U on the short side
         return {
             "grad_error": _outside_fraction(gm, gm.t() @ u),
