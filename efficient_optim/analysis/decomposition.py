@@ -775,7 +775,7 @@ def main(argv=None) -> int:
     import sys
 
     from ..bench.config import RunConfig
-    from ..bench.data import WIKITEXT
+    from ..bench.data import SHIPPED_CORPORA, WIKITEXT
 
     d = RunConfig()
     ap = argparse.ArgumentParser(prog="effopt decompose", description=(
@@ -835,7 +835,7 @@ def main(argv=None) -> int:
     argv_list = sys.argv[1:] if argv is None else list(argv)
     try:
         data = str(args.data)
-        if data not in ("embedded", *WIKITEXT) and not Path(data).exists():
+        if data not in ("embedded", *SHIPPED_CORPORA, *WIKITEXT) and not Path(data).exists():
             raise ValueError(
                 f"data path not found: {data} (use embedded, wikitext-2, wikitext-103 or an existing file/folder)"
             )

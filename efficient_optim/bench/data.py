@@ -5,6 +5,8 @@ Corpora:
   list, capped in size, with a recorded sha256 fingerprint): no download on any machine.
 - a local text file or folder (``--data PATH``; folders: every ``.txt``/``.md``/``.py`` file, sorted).
 - ``wikitext-2`` / ``wikitext-103`` through Hugging Face ``datasets`` for users who are online.
+- corpora shipped with the package, by name (``SHIPPED_CORPORA``: ``tinyshakespeare``, the public-domain
+  Tiny Shakespeare text, 1.1 MB).
 
 Tokenizers: ``bytes`` (vocabulary 256) or a byte-level BPE trained with Hugging Face ``tokenizers`` on the
 training split, cached on disk under the corpus fingerprint and vocabulary size. Token arrays are cached
@@ -24,6 +26,8 @@ import numpy as np
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 WIKITEXT = {"wikitext-2": "wikitext-2-raw-v1", "wikitext-103": "wikitext-103-raw-v1"}
+# Corpora shipped in efficient_optim/bench/corpora/ (package data), selectable by name: --data tinyshakespeare
+SHIPPED_CORPORA = {"tinyshakespeare": "tinyshakespeare.txt"}
 
 
 def cache_dir() -> Path:
@@ -90,10 +94,21 @@ def wikitext_corpus(name: str) -> Corpus:
     return Corpus(name, "".join(ds["train"]["text"]) + "".join(ds["validation"]["text"]))
 
 
+def shipped_corpus(name: str) -> Corpus:
+    """A corpus shipped with the package (``SHIPPED_CORPORA``), e.g. ``tinyshakespeare``."""
+    if name not in SHIPPED_CORPORA:
+        raise ValueError(f"unknown shipped corpus {name!r}; choose one of {sorted(SHIPPED_CORPORA)}")
+    path = Path(__file__).with_name("corpora") / SHIPPED_CORPORA[name]
+    return Corpus(name, path.read_text(encoding="utf-8"))
+
+
 def get_corpus(spec: str | Path | None) -> Corpus:
-    """``None``/``"embedded"`` -> embedded corpus; ``wikitext-2``/``wikitext-103``; anything else a path."""
+    """``None``/``"embedded"`` -> embedded corpus; ``wikitext-2``/``wikitext-103``; a shipped corpus by name
+    (``tinyshakespeare``); anything else a path."""
     if spec is None or str(spec) == "embedded":
         return embedded_corpus()
+    if str(spec) in SHIPPED_CORPORA:
+        return shipped_corpus(str(spec))
     if str(spec) in WIKITEXT:
         return wikitext_corpus(str(spec))
     return local_corpus(spec)

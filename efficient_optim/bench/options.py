@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..registry import optimizer_entry
 from .config import RunConfig, parse_spec
-from .data import WIKITEXT
+from .data import SHIPPED_CORPORA, WIKITEXT
 
 
 class UsageError(ValueError):
@@ -19,8 +19,8 @@ def add_run_options(ap: argparse.ArgumentParser, defaults: RunConfig) -> None:
     """Model, data, schedule and output options (defaults from ``defaults``)."""
     d = defaults
     ap.add_argument("--data", default=d.data,
-                    help="embedded (default: the Python standard library's sources, no download), wikitext-2, "
-                    "wikitext-103 (need datasets + network), or a text file / folder")  # fmt: skip
+                    help="embedded (default: the Python standard library's sources, no download), tinyshakespeare "
+                    "(shipped), wikitext-2, wikitext-103 (need datasets + network), or a text file / folder")  # fmt: skip
     ap.add_argument("--model", default=d.model, help=f"model preset: gpt2-tiny, gpt2-mini, gpt2-small, llama-60m, digits-cnn (default {d.model})")
     ap.add_argument("--layers", type=int, default=d.layers, help="override the preset's number of layers")
     ap.add_argument("--width", type=int, default=d.width, help="override the preset's hidden size")
@@ -55,8 +55,8 @@ def add_run_options(ap: argparse.ArgumentParser, defaults: RunConfig) -> None:
 def base_config(args: argparse.Namespace) -> RunConfig:
     """A ``RunConfig`` from the parsed options; ``UsageError`` for bad data paths or values."""
     data = str(args.data)
-    if data not in ("embedded", *WIKITEXT) and not Path(data).exists():
-        raise UsageError(f"data path not found: {data} (use embedded, wikitext-2, wikitext-103 or an existing file/folder)")
+    if data not in ("embedded", *SHIPPED_CORPORA, *WIKITEXT) and not Path(data).exists():
+        raise UsageError(f"data path not found: {data} (use embedded, tinyshakespeare, wikitext-2, wikitext-103 or an existing file/folder)")
     cfg = RunConfig(data=data, model=args.model, layers=args.layers, width=args.width, heads=args.heads,
                     context=args.context, tokenizer=args.tokenizer, vocab_size=args.vocab_size, steps=args.steps,
                     batch_size=args.batch, grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
