@@ -15,8 +15,8 @@ One command trains the tiny LM through the benchmark harness (``train_run``: res
   it fails: larger learning rate, more steps); fp32 at half and twice the learning rate (the scale of a gap);
 - **per-layer sensitivity**: one layer group at a time at 4 bits (``--sensitivity-preset``), the rest in fp32.
 
-    effopt characterize                          # the full study (about 1-2 h on 2 busy CPU cores)
-    effopt characterize --quick                  # a short smoke version (a minute or two)
+    effopt characterize                          # the full study (time: BENCHMARKS.md, 'Characterization study')
+    effopt characterize --quick                  # a short smoke version
     effopt characterize --out runs/char --resume # continue an interrupted study
     effopt characterize --seeds 3 --resume --out runs/char   # add seeds to the core configurations
     effopt characterize --report-only --out runs/char         # rebuild the report from the files

@@ -1,7 +1,7 @@
 """``effopt bench``: compare optimizers on the same data, model, seeds and schedule; print a table.
 
-    effopt bench                                   # the quick comparison: ~3 minutes on 2 CPU cores
-    effopt bench --data ../shared/data/tinyshakespeare.txt --seeds 3 --steps 400 --optimizers adamw,qadamw8,qadamw4
+    effopt bench                                   # the quick comparison (time: BENCHMARKS.md, 'The main job')
+    effopt bench --data tinyshakespeare --seeds 3 --steps 400 --optimizers adamw,qadamw8,qadamw4
     effopt bench --optimizers adamw,qadamw4+m_map=softsign+rounding=stochastic,lowrank_adam+rank=16
     effopt bench --out runs/mine --resume          # continue an interrupted matrix
 

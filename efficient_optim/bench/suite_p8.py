@@ -1,6 +1,6 @@
 """P8: split bf16 weights + error-correction bits, with fp32 / 8-bit / 4-bit momentum, vs fp32 AdamW.
 
-Configurations (../shared/PROTOCOLS.md, P8), on the tiny GPT-2 LM and on the digits CNN:
+Configurations (docs/protocols.md, P8), on the tiny GPT-2 LM and on the digits CNN:
 
 - **A**: bf16 weights + 16 correction bits, fp32 moments (``qadamw+bits=32+correction_bits=16``)
 - **B**: the same with 8-bit moments; **C**: with 4-bit moments

@@ -1,4 +1,4 @@
-"""Research protocols (../shared/PROTOCOLS.md) as suites: one command runs the matrix, the report gives
+"""Research protocols (docs/protocols.md) as suites: one command runs the matrix, the report gives
 every criterion with its measured value and a verdict (met / not met / not measurable here, and why).
 
     effopt suite --list
