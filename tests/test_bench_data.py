@@ -1,6 +1,7 @@
 """Benchmark data pipeline: corpora, deterministic split, cached tokenizer and token arrays, clear errors."""
 
 import builtins
+import re
 import sys
 
 import numpy as np
@@ -80,3 +81,36 @@ def test_bpe_tokenizer_is_trained_once_then_loaded(tmp_cache):
     assert td.vocab_size == 300 and int(td.train.max()) < 300
     with pytest.raises(ValueError, match="vocab_size"):
         data.get_tokenizer(corpus, 100)
+
+
+def test_gzipped_text_is_read_as_its_text(tmp_path):
+    import gzip
+
+    plain = tmp_path / "corpus.txt"
+    plain.write_bytes(b"line one\r\nline two\n\xc3\xa9t\xc3\xa9\n")
+    packed = tmp_path / "corpus.txt.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert data.local_corpus(packed).text == data.local_corpus(plain).text == "line one\nline two\n\u00e9t\u00e9\n"
+    assert data.local_corpus(packed).fingerprint == data.local_corpus(plain).fingerprint
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("lib.so", b"\x7fELF\x02\x01\x01\x00\x00\x00", "is not text: it holds NUL bytes (first at byte 7)"),
+        ("notes.txt", "na\u00efve".encode("latin-1"), "is not UTF-8 text: byte 0xef at offset 2"),
+        ("broken.gz", b"\x1f\x8b\x08\x00garbage", "starts like gzip but does not decompress"),
+    ],
+)
+def test_non_text_files_are_refused_naming_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"data file {path}.*{re.escape(message)}"):
+        data.get_corpus(path)
+
+
+def test_a_folder_is_refused_when_a_file_it_reads_is_binary(tmp_path):
+    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "b.md").write_bytes(b"PK\x03\x04\x00\x00")
+    with pytest.raises(ValueError, match=re.escape(f"data file {tmp_path / 'b.md'} is not text")):
+        data.local_corpus(tmp_path)

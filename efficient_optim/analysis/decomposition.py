@@ -776,9 +776,11 @@ def main(argv=None) -> int:
 
     from ..bench.config import RunConfig
     from ..bench.data import SHIPPED_CORPORA, WIKITEXT
+    from ..bench.options import HelpFormatter
+    from ..bench.preflight import preflight
 
     d = RunConfig()
-    ap = argparse.ArgumentParser(prog="effopt decompose", description=(
+    ap = argparse.ArgumentParser(prog="effopt decompose", formatter_class=HelpFormatter, description=(
         "Protocol P3: run a HybridAdam configuration beside dense fp32 AdamW on the same gradients and split the "
         "error of its update direction into quantization alone, factoring/low rank alone, and both; says whether "
         "they add or multiply. Writes decomposition.json, decomposition.png and decomposition.md."))  # fmt: skip
@@ -846,10 +848,11 @@ def main(argv=None) -> int:
         parse_hybrid_config(args.spec)
         if args.steps < 1 or args.every < 1:
             raise ValueError(f"--steps and --every must be >= 1 (got {args.steps}, {args.every})")
+        out = args.out or Path("runs") / "decompose" / time.strftime("%Y%m%d-%H%M%S")
+        preflight([cfg], out, marker=None)  # device, model, data and --out, before any step
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = args.out or Path("runs") / "decompose" / time.strftime("%Y%m%d-%H%M%S")
     started = time.perf_counter()
     tick = max(1, args.steps // 10)
 

@@ -39,7 +39,8 @@ import torch
 from ..registry import list_optimizers, register_optimizer
 from .config import RunConfig
 from .metrics import write_json_atomic
-from .options import UsageError, add_run_options, base_config, output_folder
+from .options import HelpFormatter, UsageError, add_run_options, base_config, output_folder
+from .preflight import preflight
 from .runner import collect_summary, load_plan
 from .train import ConfigMismatch, train_run
 
@@ -404,7 +405,7 @@ QUICK = {"steps": 40, "eval_every": 20, "checkpoint_every": 20, "layers": 2, "wi
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="effopt characterize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="effopt characterize", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a short version: smaller model, 40 steps, fewer configurations")
     ap.add_argument("--seeds", type=int, default=1, help="seeds of the core configurations (default 1; the ablations run seed 0)")
     ap.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer sensitivity runs")
@@ -444,6 +445,7 @@ def main(argv=None) -> int:
         if args.seeds < 1:
             raise UsageError("--seeds must be >= 1")
         out = output_folder(args, "characterize")
+        preflight([base], out, resume=args.resume)  # device, model, data and --out, before the model is built
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -470,7 +472,9 @@ def main(argv=None) -> int:
             return 2
     command = "effopt characterize " + shlex.join(argv_list)
     try:
-        plan = _merge_plan(out, plan_study(base, entries, args.seeds), args.resume)
+        study = plan_study(base, entries, args.seeds)
+        preflight([c for _, c in study], out, resume=args.resume)  # every configuration's optimizer spec
+        plan = _merge_plan(out, study, args.resume)
     except (FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

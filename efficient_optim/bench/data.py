@@ -3,7 +3,8 @@
 Corpora:
 - ``embedded``: the running interpreter's own standard-library sources (a deterministic, sorted file
   list, capped in size, with a recorded sha256 fingerprint): no download on any machine.
-- a local text file or folder (``--data PATH``; folders: every ``.txt``/``.md``/``.py`` file, sorted).
+- a local UTF-8 text file, gzip'd or not, or folder (``--data PATH``; folders: every ``.txt``/``.md``/``.py``
+  file, sorted); binary or non-UTF-8 input is refused with the file's name.
 - ``wikitext-2`` / ``wikitext-103`` through Hugging Face ``datasets`` for users who are online.
 - corpora shipped with the package, by name (``SHIPPED_CORPORA``: ``tinyshakespeare``, the public-domain
   Tiny Shakespeare text, 1.1 MB).
@@ -16,6 +17,7 @@ as ``.npy`` files and memory-mapped. The train/validation split is by position (
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import sysconfig
@@ -28,6 +30,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".py")
 WIKITEXT = {"wikitext-2": "wikitext-2-raw-v1", "wikitext-103": "wikitext-103-raw-v1"}
 # Corpora shipped in efficient_optim/bench/corpora/ (package data), selectable by name: --data tinyshakespeare
 SHIPPED_CORPORA = {"tinyshakespeare": "tinyshakespeare.txt"}
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def cache_dir() -> Path:
@@ -60,16 +63,46 @@ def embedded_corpus(limit_bytes: int = 4_000_000) -> Corpus:
     return Corpus("embedded-stdlib", "".join(parts)[:limit_bytes])
 
 
+def read_text_file(path: str | Path) -> str:
+    """The UTF-8 text of ``path``, decompressed first when it is gzip'd; newlines normalized to ``\\n``.
+
+    ``ValueError`` naming the file when it is not text: NUL bytes (a binary file: a ``.so``, an archive)
+    or bytes that are not UTF-8 (convert the file, e.g. ``iconv -t utf-8``).
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    what = f"data file {path}"
+    if raw[:2] == GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise ValueError(f"{what} starts like gzip but does not decompress ({exc})") from None
+        what += " (after gzip decompression)"
+    if b"\x00" in raw:
+        raise ValueError(f"{what} is not text: it holds NUL bytes (first at byte {raw.index(0)}); "
+                         "--data needs UTF-8 text")  # fmt: skip
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} does not "
+                         "decode; convert it to UTF-8 (e.g. iconv -t utf-8) or pass another file") from None  # fmt: skip
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # what read_text's universal newlines gave
+
+
 def local_corpus(path: str | Path) -> Corpus:
-    """A text file, or every text file under a folder (sorted); ``FileNotFoundError`` naming the path."""
+    """A text file (plain or gzip'd), or every ``TEXT_SUFFIXES`` file under a folder (sorted).
+
+    ``FileNotFoundError`` naming the path when it is missing or a folder holds no text file; ``ValueError``
+    naming the file when a file it would read is not UTF-8 text (``read_text_file``).
+    """
     p = Path(path)
     if p.is_file():
-        return Corpus(p.name, p.read_text(encoding="utf-8", errors="replace"))
+        return Corpus(p.name, read_text_file(p))
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"no text files ({', '.join(TEXT_SUFFIXES)}) under {p}")
-        return Corpus(p.name, "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files))
+        return Corpus(p.name, "\n".join(read_text_file(f) for f in files))
     raise FileNotFoundError(f"data path not found: {p}")
 
 

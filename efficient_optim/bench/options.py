@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import textwrap
 from pathlib import Path
 
 from ..registry import optimizer_entry
@@ -13,6 +14,21 @@ from .data import SHIPPED_CORPORA, WIKITEXT
 
 class UsageError(ValueError):
     """Bad command-line input: printed as ``error: ...`` with exit code 2."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps a multi-line description's own line breaks (a one-line one is wrapped), and wraps option help
+    at spaces only: a long word (an optimizer list, a path, ``wikitext-103``) overflows the line rather
+    than being cut in two."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
 
 
 def add_run_options(ap: argparse.ArgumentParser, defaults: RunConfig) -> None:

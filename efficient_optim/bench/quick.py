@@ -20,7 +20,16 @@ import sys
 
 from ..registry import optimizer_entry
 from .config import RunConfig
-from .options import UsageError, add_run_options, base_config, check_optimizers, log_names, output_folder
+from .options import (
+    HelpFormatter,
+    UsageError,
+    add_run_options,
+    base_config,
+    check_optimizers,
+    log_names,
+    output_folder,
+)
+from .preflight import preflight
 from .report import build_report, terminal_table
 from .runner import plan_matrix, run_matrix
 
@@ -42,10 +51,10 @@ def default_optimizers() -> tuple[list[str], list[str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="effopt bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="effopt bench", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--optimizers", default=None,
-                    help="comma-separated specs: name[+key=value...] (default: "
-                    f"{','.join(DEFAULT_OPTIMIZERS)}, those installed)")  # fmt: skip
+                    help="comma-separated specs: name[+key=value...] (default: the installed ones of "
+                    f"{', '.join(DEFAULT_OPTIMIZERS)})")  # fmt: skip
     ap.add_argument("--seeds", type=int, default=1, help="seeds per optimizer (default 1)")
     add_run_options(ap, QUICK)
     args = ap.parse_args(argv)
@@ -56,6 +65,8 @@ def main(argv=None) -> int:
                 print(f"skipped: {', '.join(skipped)}")
         else:
             specs = [s for s in args.optimizers.split(",") if s.strip()]
+            if not specs:
+                raise UsageError("--optimizers names no optimizer")
         check_optimizers(specs)
         if args.seeds < 1:
             raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
@@ -63,7 +74,8 @@ def main(argv=None) -> int:
         out = output_folder(args, "bench")
         loggers = log_names(args)
         plan = plan_matrix(base, specs, args.seeds)
-    except UsageError as exc:
+        preflight(plan, out, resume=args.resume, log=loggers)  # everything checked before the header
+    except ValueError as exc:  # UsageError, or a setting plan_matrix refuses
         print(f"error: {exc}", file=sys.stderr)
         return 2
     command = "effopt bench " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -86,6 +98,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: continue with  effopt bench ... --out {out} --resume", file=sys.stderr)
         return 130
+    if not summary["runs"]:  # no report of nothing: the errors are in each run's error.txt
+        print(f"error: no run finished ({len(summary['errors'])} failed; see error.txt under {out})", file=sys.stderr)
+        return 1
     print()
     print(terminal_table(summary["runs"]))
     report = build_report(out, "effopt bench")

@@ -25,7 +25,8 @@ from pathlib import Path
 from ..registry import list_optimizers, optimizer_entry
 from .config import RunConfig, parse_spec
 from .metrics import MetricsLog, write_json_atomic
-from .options import UsageError, add_run_options, base_config, log_names, output_folder
+from .options import HelpFormatter, add_run_options, base_config, log_names, output_folder
+from .preflight import preflight
 from .report import Group, build_report, group_runs, terminal_table
 from .runner import plan_matrix, run_matrix
 
@@ -323,13 +324,14 @@ def rebuild_suite_report(out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="effopt suite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="effopt suite", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("name", nargs="?", help="protocol: " + ", ".join(SUITES))
     ap.add_argument("--list", action="store_true", help="list the suites")
     ap.add_argument("--quick", action="store_true", help="a short version (fewer steps, one seed, smaller sweeps)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds for the main comparison (default 3; --quick: 1)")
     ap.add_argument("--lr-sweep", action="store_true", help="P1: also run each optimizer at 0.3x and 3x the learning rate (1 seed)")
-    args_pre, _ = ap.parse_known_args(argv)
+    # the suite decides the run options' defaults: find it first (without -h, so that help lists them all)
+    args_pre, _ = ap.parse_known_args([a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")])
     suite = SUITES.get(args_pre.name) if args_pre.name else None
     add_run_options(ap, suite.defaults if suite else Suite.defaults)
     if suite is not None:
@@ -355,7 +357,8 @@ def main(argv=None) -> int:
             specs = sorted({c.optimizer for c in plan}, key=[c.optimizer for c in plan].index)
             sweep = {f"lr={base.lr * f:g}": {"lr": base.lr * f} for f in (0.3, 3.0)}
             plan += plan_matrix(base, specs, 1, sweep)
-    except UsageError as exc:
+        preflight(plan, out, resume=args.resume, log=loggers)  # everything checked before the header
+    except ValueError as exc:  # UsageError, or a setting plan_matrix refuses
         print(f"error: {exc}", file=sys.stderr)
         return 2
     command = "effopt suite " + shlex.join(sys.argv[1:] if argv is None else argv)
