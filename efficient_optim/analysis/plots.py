@@ -15,8 +15,35 @@ from pathlib import Path
 from .probe import error_series
 from .stats import HIST_EDGES, growth_exponent
 
+# Colour-blind-safe colours (Okabe-Ito, then tab10's others), line styles and markers: combined so that every
+# line of a plot with up to 40 lines differs from every other in colour, dash pattern or marker.
+COLORS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#8c564b", "#7f7f7f", "#bcbd22")
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+BASELINE_STYLE = {"color": "black", "linestyle": "-", "marker": None, "linewidth": 2.2, "zorder": 5}
 
-def _plt():
+
+def line_styles(labels: list[str], baseline: str | None = None) -> dict[str, dict]:
+    """A distinct matplotlib style (``color``, ``linestyle``, ``marker``, ``linewidth``, ``zorder``) per label.
+
+    Args:
+        labels: the lines of one plot, in drawing order.
+        baseline: the label drawn as the reference (thick black, on top of the others so it is never hidden);
+            ``None``: no reference line.
+    """
+    styles, i = {}, 0
+    for label in labels:
+        if label == baseline:
+            styles[label] = dict(BASELINE_STYLE)
+            continue
+        styles[label] = {"color": COLORS[i % len(COLORS)], "linestyle": LINESTYLES[i % len(LINESTYLES)],
+                         "marker": MARKERS[i % len(MARKERS)], "linewidth": 1.4, "zorder": 3}  # fmt: skip
+        i += 1
+    return styles
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or ``None`` when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -45,7 +72,7 @@ def _states(records: list[dict]) -> list[str]:
 def plot_state_statistics(records: list[dict], path) -> Path | None:
     """Kurtosis, absmax/std, outlier fraction and top-position persistence over steps (median over
     parameters), one line per state."""
-    plt = _plt()
+    plt = pyplot()
     states = _states(records)
     if plt is None or not states:
         return None
@@ -72,7 +99,7 @@ def plot_state_statistics(records: list[dict], path) -> Path | None:
 def plot_errors(records: list[dict], path) -> Path | None:
     """Relative L2 error of each stored state against its fp32 shadow over steps (log-log), mean over
     parameters, with the fitted growth exponent in the legend."""
-    plt = _plt()
+    plt = pyplot()
     states = [s for s in _states(records) if any(r.get("state") == s and "err_l2" in r for r in records)]
     if plt is None or not states:
         return None
@@ -111,7 +138,7 @@ def histogram_matrix(records: list[dict], param: str, state: str) -> tuple[list[
 def plot_histograms(records: list[dict], path, param: str | None = None) -> Path | None:
     """Heat maps of the log10|x| histogram over steps, one panel per state of ``param`` (default: the
     largest parameter)."""
-    plt = _plt()
+    plt = pyplot()
     if plt is None:
         return None
     if param is None:

@@ -71,11 +71,15 @@ class RunConfig:
         warmup_steps: linear warm-up steps (``None``: 5 % of ``steps``, at least 1).
         weight_decay: decoupled weight decay (scaled by ``WEIGHT_DECAY_SCALE``). Default 0.1.
         clip: gradient-norm clipping threshold (``0`` disables). Default 1.0.
-        eval_every: evaluate on validation every N steps (``0``: only at the end). Default 0.
+        eval_every: evaluate on validation every N steps (``0``: only at the end; ``None``, the default: five
+            times per run, every ``steps // 5`` steps, so curves show validation and the cost stays ~5 %).
         eval_batches: validation batches per evaluation (fixed, the same for every run). Default 16.
         log_every: write a ``metrics.jsonl`` line every N steps. Default 10.
         checkpoint_every: save a resumable checkpoint every N steps (``0``: never). Default 100.
         target_ppl: report the first evaluated step whose validation perplexity is at or below this.
+        sharpness_iters: at the end of the run, estimate the top Hessian eigenvalue of the training loss on one
+            fixed batch with this many power iterations (each about two backward passes; ``0``, the default:
+            skip). Recorded as ``sharpness`` in the run's summary row.
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available). Default ``auto``.
         param_dtype: dtype the model's parameters are stored in: ``float32`` (default), ``bfloat16`` or
             ``float16`` (then the optimizer's ``correction_bits`` / ``weight_rounding`` decide how updates
@@ -103,11 +107,12 @@ class RunConfig:
     warmup_steps: int | None = None
     weight_decay: float = 0.1
     clip: float = 1.0
-    eval_every: int = 0
+    eval_every: int | None = None
     eval_batches: int = 16
     log_every: int = 10
     checkpoint_every: int = 100
     target_ppl: float | None = None
+    sharpness_iters: int = 0
     device: str = "auto"
     param_dtype: str = "float32"
     grad_release: bool = False
@@ -121,8 +126,8 @@ class RunConfig:
         for key, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        for key in ("eval_every", "checkpoint_every"):
-            if getattr(self, key) < 0:
+        for key in ("eval_every", "checkpoint_every", "sharpness_iters"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
@@ -141,6 +146,11 @@ class RunConfig:
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu, cuda[:N] or auto, got {self.device!r}")
+
+    @property
+    def eval_interval(self) -> int:
+        """Steps between evaluations: ``eval_every``, or ``steps // 5`` (at least 1) when it is ``None``."""
+        return max(1, self.steps // 5) if self.eval_every is None else self.eval_every
 
     @property
     def run_id(self) -> str:

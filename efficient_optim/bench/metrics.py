@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -79,6 +80,59 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def quartiles(values: list[float]) -> tuple[float | None, float | None, float | None]:
+    """First quartile, median and third quartile (``None`` each for no values; all equal for one)."""
+    if not values:
+        return None, None, None
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+# A run's timing is flagged as not comparable when the machine's 1-minute load average exceeded its cores by
+# more than this: the run itself accounts for up to all cores, anything beyond is other work competing.
+LOAD_MARGIN = 0.5
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def load_snapshot() -> dict:
+    """Machine load and this process's clocks now: pass two of them to ``load_summary``."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    return {"load": load, "cpu_s": time.process_time(), "wall_s": time.perf_counter()}
+
+
+def load_summary(start: dict, end: dict, threads: int) -> dict:
+    """The load fields of a run's summary row, from snapshots at its start and end.
+
+    Args:
+        start, end: ``load_snapshot()`` taken before the first and after the last training step.
+        threads: threads the run computes with (``torch.get_num_threads()``).
+
+    ``timing_loaded`` is True when the 1-minute load average at either end exceeded the machine's cores by more
+    than ``LOAD_MARGIN``: other work competed for the CPU, so this run's step times are not comparable with
+    those of runs measured on an idle machine. ``cpu_per_wall`` is the process's CPU time over wall time.
+    """
+    loads = [s["load"] for s in (start, end) if s["load"] is not None]
+    cores = usable_cores()
+    wall = end["wall_s"] - start["wall_s"]
+    return {
+        "load_avg_start": start["load"], "load_avg_end": end["load"], "cpu_cores": cores, "torch_threads": threads,
+        "cpu_per_wall": (end["cpu_s"] - start["cpu_s"]) / wall if wall > 0 else None,
+        "timing_loaded": bool(loads) and max(loads) > cores + LOAD_MARGIN,
+    }  # fmt: skip
 
 
 def update_ratio(before: list[torch.Tensor], params: list[torch.Tensor]) -> float:

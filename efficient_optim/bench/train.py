@@ -29,9 +29,12 @@ from ..registry import create_optimizer
 from .config import RunConfig
 from .metrics import (
     MetricsLog,
+    load_snapshot,
+    load_summary,
     mean_std,
     median,
     peak_rss_bytes,
+    quartiles,
     reset_peak_rss,
     tensor_bytes,
     update_ratio,
@@ -41,6 +44,7 @@ from .tasks import build_task
 
 DIVERGENCE_FACTOR = 2.0
 TIMING_WARMUP_STEPS = 3  # first steps (kernel builds, allocator warm-up) are timed separately
+SHARPNESS_SEED = 4321  # the batch the final sharpness is measured on, the same for every run
 
 
 class ConfigMismatch(ValueError):
@@ -72,6 +76,9 @@ def _check_config(run_dir: Path, cfg: RunConfig) -> None:
     if path.is_file():
         old = json.loads(path.read_text())
         new = cfg.to_dict()
+        # a setting added after the folder was written counts as unchanged while it keeps its default
+        defaults = RunConfig().to_dict()
+        old.update({k: defaults[k] for k in set(new) - set(old)})
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
@@ -106,6 +113,36 @@ def _lowrank_summary(opt) -> dict:
     failures = [s.get("svd_failures", 0) for s in stats]
     out["svd_failures"] = int(sum(failures))
     return out
+
+
+def final_sharpness(task, model: torch.nn.Module, iters: int) -> dict:
+    """Top Hessian eigenvalue of the training loss on one fixed batch at the model's current parameters.
+
+    Args:
+        task: the run's task (``bench.tasks``): draws the batch and computes the loss.
+        model: the trained model (left in the training mode it was in).
+        iters: power iterations (``analysis.sharpness.hessian_top_eigenvalue``; each ~two backward passes).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ..analysis.sharpness import hessian_top_eigenvalue
+
+    batch = task.train_batch(torch.Generator().manual_seed(SHARPNESS_SEED))
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+    try:
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernel has no double backward
+            return hessian_top_eigenvalue(lambda: task.loss(model, batch), params, iters=iters)
+    finally:
+        model.train(was_training)
+
+
+def _timing_fields(aux: dict, load: dict) -> dict:
+    """Step-time quartiles (after the timing warm-up) and the machine's load during the run."""
+    q1, _, q3 = quartiles(aux["step_times"])
+    return {"step_time_q1_ms": q1 * 1e3 if q1 is not None else None,
+            "step_time_q3_ms": q3 * 1e3 if q3 is not None else None, **load}  # fmt: skip
 
 
 def train_run(cfg: RunConfig, run_dir: Path, *, loggers=(), progress=None, interrupt_at: int | None = None) -> dict:
@@ -163,6 +200,8 @@ def train_run(cfg: RunConfig, run_dir: Path, *, loggers=(), progress=None, inter
     since_log: list[float] = []
     diverged = False
     clip = cfg.clip if cfg.clip > 0 else float("inf")
+    eval_every = cfg.eval_interval
+    load_start = load_snapshot()
 
     for step in range(aux["step"], cfg.steps):
         log_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
@@ -220,7 +259,7 @@ def train_run(cfg: RunConfig, run_dir: Path, *, loggers=(), progress=None, inter
             for logger in loggers:
                 logger(step + 1, record)
             since_log = []
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < cfg.steps:
             ev = {"kind": "eval", "step": step + 1, **task.evaluate(model, autocast)}
             aux["evals"].append(ev)
             log.write(ev)
@@ -240,6 +279,7 @@ def train_run(cfg: RunConfig, run_dir: Path, *, loggers=(), progress=None, inter
         if interrupt_at is not None and step + 1 >= interrupt_at:
             raise KeyboardInterrupt(f"interrupted after step {step + 1} (testing hook)")
 
+    load = load_summary(load_start, load_snapshot(), torch.get_num_threads())
     final = task.evaluate(model, autocast) if not diverged else {"val_loss": None, "val_ppl": None}
     if not diverged:
         final_eval = {"kind": "eval", "step": aux["step"], **final}
@@ -283,6 +323,10 @@ def train_run(cfg: RunConfig, run_dir: Path, *, loggers=(), progress=None, inter
         "resumed_from_steps": aux["resumed_from"],
         "device": str(device), "torch": torch.__version__, "host": platform.node(),
     }  # fmt: skip
+    row.update(_timing_fields(aux, load))
+    if cfg.sharpness_iters and not diverged:
+        sharp = final_sharpness(task, model, cfg.sharpness_iters)
+        row.update(sharpness=sharp["eigenvalue"], sharpness_converged=sharp["converged"])
     if "val_accuracy" in final:
         row["val_accuracy"] = final["val_accuracy"]
     row.update(_lowrank_summary(opt))
