@@ -1,16 +1,28 @@
 """Optimizers by the names users type: ``create_optimizer("qadamw8", model, lr=1e-3)``.
 
 Names follow Hugging Face ``OptimizerNames`` where one exists. External baselines (bitsandbytes, torchao)
-are adapters: a missing package raises ``ImportError`` saying what to install.
+are adapters, imported only when their optimizer is built (inside ``third_party.quiet``, so a job can keep
+their chatter in a log file): a missing package raises ``ImportError`` saying what to install. A keyword the
+optimizer does not take raises ``UnknownOptionError`` naming the registry name and listing the valid ones.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.util
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+
+from .third_party import quiet
+
+
+class UnknownOptionError(TypeError, ValueError):
+    """A keyword the named optimizer does not take (a ``TypeError`` like Python's own for an unexpected
+    keyword, and a ``ValueError`` like every other invalid setting of this library)."""
 
 
 @dataclass(frozen=True)
@@ -24,6 +36,8 @@ class OptimizerEntry:
         requires: the pip package that must be installed (``None`` for our own and torch's).
         cuda_only: True when the optimizer cannot run without a CUDA device.
         takes_model: the factory receives ``params_or_model`` as given (a model when the user passed one).
+        target: ``"module:Class"`` of the optimizer the factory builds (its keywords are the valid ones);
+            ``None`` to skip the keyword check.
     """
 
     name: str
@@ -32,6 +46,7 @@ class OptimizerEntry:
     requires: str | None = None
     cuda_only: bool = False
     takes_model: bool = False
+    target: str | None = None
 
     def available(self) -> bool:
         """Whether the optional package this entry needs is importable."""
@@ -39,16 +54,71 @@ class OptimizerEntry:
             return True
         return importlib.util.find_spec(self.requires.split("[")[0].replace("-", "_")) is not None
 
+    @property
+    def ours(self) -> bool:
+        """Whether this entry builds one of this library's optimizers (they may use the fused CPU kernel)."""
+        return self.target is not None and self.target.startswith("efficient_optim.")
+
+    def target_class(self) -> type | None:
+        """The optimizer class ``target`` names (imports its module), or ``None`` without a target."""
+        if self.target is None:
+            return None
+        module, _, cls = self.target.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def keywords(self) -> list[str] | None:
+        """The keyword arguments ``create_optimizer(self.name, ...)`` accepts, sorted; ``None`` if open-ended."""
+        own, open_ended = _keywords(self.factory, skip=1)
+        if not open_ended:
+            return sorted(own)
+        cls = self.target_class()
+        inherited = _class_keywords(cls) if cls is not None else None
+        return None if inherited is None else sorted(own | inherited)
+
+    def check_keywords(self, kwargs: dict) -> None:
+        """``UnknownOptionError`` naming this entry and its valid keywords if ``kwargs`` holds any other."""
+        valid = self.keywords()
+        unknown = [k for k in kwargs if valid is not None and k not in valid]
+        if not unknown:
+            return
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, n=1)) else repr(k)
+                 for k in unknown]  # fmt: skip
+        raise UnknownOptionError(f"optimizer {self.name!r} has no option {', '.join(hints)}; "
+                                 f"its options: {', '.join(valid)}")  # fmt: skip
+
+
+def _keywords(fn: Callable, skip: int) -> tuple[set[str], bool]:
+    """Keyword names ``fn`` takes after its first ``skip`` parameters, and whether it also takes ``**kwargs``."""
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _class_keywords(cls: type) -> set[str] | None:
+    """Keywords ``cls(params, ...)`` takes, following ``**kwargs`` up the base classes; None if open-ended."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if klass is object:
+            return None
+        own, open_ended = _keywords(init, skip=2)  # self, params
+        names |= own
+        if not open_ended:
+            return names
+    return None
+
 
 _REGISTRY: dict[str, OptimizerEntry] = {}
 
 
 def register_optimizer(
     name: str, factory: Callable[..., torch.optim.Optimizer], description: str, *, requires: str | None = None,
-    cuda_only: bool = False, takes_model: bool = False,
+    cuda_only: bool = False, takes_model: bool = False, target: str | None = None,
 ) -> None:
-    """Add (or replace) a name in the registry."""
-    _REGISTRY[name] = OptimizerEntry(name, factory, description, requires, cuda_only, takes_model)
+    """Add (or replace) a name in the registry (arguments: the fields of ``OptimizerEntry``)."""
+    _REGISTRY[name] = OptimizerEntry(name, factory, description, requires, cuda_only, takes_model, target)
 
 
 def list_optimizers(available_only: bool = False) -> list[str]:
@@ -76,14 +146,21 @@ def create_optimizer(name: str, params_or_model, **kwargs) -> torch.optim.Optimi
         name: a name from ``list_optimizers()``.
         params_or_model: an ``nn.Module`` (its trainable parameters are used), an iterable of
             parameters, or a list of param-group dicts.
-        **kwargs: hyperparameters passed to the optimizer (``lr``, ``weight_decay``, ...).
+        **kwargs: hyperparameters passed to the optimizer (``lr``, ``weight_decay``, ...); one it does not
+            take raises ``UnknownOptionError`` before anything is built.
     """
     entry = optimizer_entry(name)
     if entry.cuda_only and not torch.cuda.is_available():  # first: installing the package would not help
         raise RuntimeError(f"optimizer {name!r} runs on CUDA only, and no CUDA device is available here")
     if not entry.available():
         raise ImportError(f"optimizer {name!r} needs the package {entry.requires!r}: pip install {entry.requires}")
-    return entry.factory(params_or_model if entry.takes_model else _as_params(params_or_model), **kwargs)
+    params = params_or_model if entry.takes_model else _as_params(params_or_model)
+    if entry.requires is None:
+        entry.check_keywords(kwargs)
+        return entry.factory(params, **kwargs)
+    with quiet(f"create_optimizer({name!r})"):  # importing the baseline's package is what prints the most
+        entry.check_keywords(kwargs)
+        return entry.factory(params, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ built-in entries
@@ -226,30 +303,43 @@ def _torchao(cls_name: str):
     return make
 
 
-register_optimizer("adamw", _torch_adamw, "torch.optim.AdamW (fp32 states, 8 B/param)")
-register_optimizer("adam", _torch_adam, "torch.optim.Adam (fp32 states, 8 B/param)")
-register_optimizer("sgd", _torch_sgd, "torch.optim.SGD with momentum 0.9 (4 B/param)")
-register_optimizer("qadamw", _qadamw(8), "efficient_optim QAdamW, any bits=32|16|8|4 (default 8), all options")
-register_optimizer("qadamw8", _qadamw(8), "efficient_optim QAdamW, 8-bit block-quantized moments (~2 B/param)")
-register_optimizer("qadamw4", _qadamw(4), "efficient_optim QAdamW, 4-bit block-quantized moments (~1 B/param)")
+_Q, _OPT = "efficient_optim.optim.qadamw:QAdamW", "efficient_optim.optim."
+register_optimizer("adamw", _torch_adamw, "torch.optim.AdamW (fp32 states, 8 B/param)", target="torch.optim:AdamW")
+register_optimizer("adam", _torch_adam, "torch.optim.Adam (fp32 states, 8 B/param)", target="torch.optim:Adam")
+register_optimizer("sgd", _torch_sgd, "torch.optim.SGD with momentum 0.9 (4 B/param)", target="torch.optim:SGD")
+register_optimizer("qadamw", _qadamw(8), "efficient_optim QAdamW, any bits=32|16|8|4 (default 8), all options", target=_Q)
+register_optimizer("qadamw8", _qadamw(8), "efficient_optim QAdamW, 8-bit block-quantized moments (~2 B/param)", target=_Q)
+register_optimizer("qadamw4", _qadamw(4), "efficient_optim QAdamW, 4-bit block-quantized moments (~1 B/param)", target=_Q)
 register_optimizer("hybrid_adam", _ours("hybrid_adam", "HybridAdam"),
-                   "efficient_optim HybridAdam: 4-bit m + factored v (~0.52 B/param on large matrices)")
-register_optimizer("lion", _ours("lion", "Lion"), "efficient_optim Lion, fp32 momentum (4 B/param)")
-register_optimizer("lion8", _ours("lion", "Lion", m_bits=8), "efficient_optim Lion, 8-bit momentum (~1 B/param)")
-register_optimizer("sgd8", _ours("sgd", "SGD", momentum_bits=8), "efficient_optim SGD, momentum 0.9 stored at 8 bits")
-register_optimizer("adafactor", _adafactor, "efficient_optim Adafactor (factored v, no first moment by default)")
-register_optimizer("adafactor_hf", _hf_adafactor, "transformers' Adafactor", requires="transformers")
-register_optimizer("lion_bnb_8bit", _bnb("Lion8bit"), "bitsandbytes Lion8bit", requires="bitsandbytes")
-register_optimizer("adamw_bnb_8bit", _bnb("AdamW8bit"), "bitsandbytes AdamW8bit", requires="bitsandbytes")
+                   "efficient_optim HybridAdam: 4-bit m + factored v (~0.52 B/param on large matrices)",
+                   target=_OPT + "hybrid_adam:HybridAdam")  # fmt: skip
+register_optimizer("lion", _ours("lion", "Lion"), "efficient_optim Lion, fp32 momentum (4 B/param)", target=_OPT + "lion:Lion")
+register_optimizer("lion8", _ours("lion", "Lion", m_bits=8), "efficient_optim Lion, 8-bit momentum (~1 B/param)",
+                   target=_OPT + "lion:Lion")  # fmt: skip
+register_optimizer("sgd8", _ours("sgd", "SGD", momentum_bits=8), "efficient_optim SGD, momentum 0.9 stored at 8 bits",
+                   target=_OPT + "sgd:SGD")  # fmt: skip
+register_optimizer("adafactor", _adafactor, "efficient_optim Adafactor (factored v, no first moment by default)",
+                   target=_OPT + "adafactor:Adafactor")  # fmt: skip
+register_optimizer("adafactor_hf", _hf_adafactor, "transformers' Adafactor", requires="transformers",
+                   target="transformers.optimization:Adafactor")  # fmt: skip
+register_optimizer("lion_bnb_8bit", _bnb("Lion8bit"), "bitsandbytes Lion8bit", requires="bitsandbytes",
+                   target="bitsandbytes.optim:Lion8bit")  # fmt: skip
+register_optimizer("adamw_bnb_8bit", _bnb("AdamW8bit"), "bitsandbytes AdamW8bit", requires="bitsandbytes",
+                   target="bitsandbytes.optim:AdamW8bit")  # fmt: skip
 register_optimizer("galore_adamw", _galore, "GaLore AdamW (galore-torch): gradient projected to rank 128, refreshed every 200 steps",
-                   requires="galore-torch")
+                   requires="galore-torch", target="galore_torch:GaLoreAdamW")
 register_optimizer("apollo_adamw", _apollo, "APOLLO AdamW (apollo-torch): random projection rank 256, channel-wise scaling",
-                   requires="apollo-torch")
+                   requires="apollo-torch", target="apollo_torch:APOLLOAdamW")
 register_optimizer("adam_mini", _adam_mini, "Adam-mini (adam-mini): one second-moment value per block/head",
-                   requires="adam-mini", takes_model=True)
-register_optimizer("came", _came, "CAME (came-pytorch): confidence-guided factored moments", requires="came-pytorch")
-register_optimizer("flash_adamw", _flash, "FlashOptim FlashAdamW (CUDA/Triton only)", requires="flashoptim", cuda_only=True)
-register_optimizer("adamw_torchao_8bit", _torchao("AdamW8bit"), "torchao AdamW8bit", requires="torchao")
-register_optimizer("adamw_torchao_4bit", _torchao("AdamW4bit"), "torchao AdamW4bit", requires="torchao")
+                   requires="adam-mini", takes_model=True, target="adam_mini:Adam_mini")
+register_optimizer("came", _came, "CAME (came-pytorch): confidence-guided factored moments", requires="came-pytorch",
+                   target="came_pytorch:CAME")  # fmt: skip
+register_optimizer("flash_adamw", _flash, "FlashOptim FlashAdamW (CUDA/Triton only)", requires="flashoptim", cuda_only=True,
+                   target="flashoptim:FlashAdamW")  # fmt: skip
+register_optimizer("adamw_torchao_8bit", _torchao("AdamW8bit"), "torchao AdamW8bit", requires="torchao",
+                   target="torchao.optim:AdamW8bit")  # fmt: skip
+register_optimizer("adamw_torchao_4bit", _torchao("AdamW4bit"), "torchao AdamW4bit", requires="torchao",
+                   target="torchao.optim:AdamW4bit")  # fmt: skip
 register_optimizer("lowrank_adam", _ours("lowrank_adam", "LowRankAdam"),
-                   "efficient_optim LowRankAdam (P7): rank-16 first moment (randomized SVD every 10 steps), factored v on matrices")
+                   "efficient_optim LowRankAdam (P7): rank-16 first moment (randomized SVD every 10 steps), factored v on matrices",
+                   target=_OPT + "lowrank_adam:LowRankAdam")  # fmt: skip

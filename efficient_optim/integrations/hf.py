@@ -11,7 +11,7 @@ learning rate, Adam betas/epsilon, weight decay and schedule from ``TrainingArgu
 
     # 2. or let a Trainer subclass build it when training starts
     trainer = EfficientOptimTrainer(model=model, args=args, train_dataset=ds,
-                                    optimizer_name="hybrid_adam", optimizer_kwargs={"rank": 8})
+                                    optimizer_name="hybrid_adam", optimizer_kwargs={"m_codec": "8bit"})
 
 Trainer checkpoints (``save_steps``, ``resume_from_checkpoint``) save ``optimizer.state_dict()`` with
 ``torch.save`` and load it with ``torch.load(weights_only=True)``: the library's state dicts hold plain
@@ -91,7 +91,8 @@ class EfficientOptimTrainer(Trainer):
 
     Args:
         optimizer_name: a registry name (default ``"qadamw8"``).
-        optimizer_kwargs: the optimizer's own settings (``{"bits": 4}``, ``{"rank": 8}``, ...).
+        optimizer_kwargs: the optimizer's own settings (``{"bits": 4}``, ``{"m_codec": "8bit"}``, ...); a
+            keyword the optimizer does not take, or one its settings ignore, raises a clear error when it is built.
         *args, **kwargs: ``Trainer``'s.
     """
 

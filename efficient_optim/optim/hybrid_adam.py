@@ -29,6 +29,9 @@ M_CODECS = {"fp32": 32, "bf16": 16, "8bit": 8, "4bit": 4, "lowrank": None}
 V_CODECS = {"fp32": 32, "bf16": 16, "8bit": 8, "4bit": 4, "factored": None, "lowrank": None}
 _FACTORED = Factored()
 _CODEC_KEYS = ("m_codec", "v_codec")
+DEFAULT_RANK = 16  # of the "lowrank" codecs when rank is not given
+_BLOCK_QUANTIZED = ("4bit", "8bit")  # the codec choices that use a map and a block size
+_ROUNDED = ("4bit", "8bit", "bf16")  # ... and those that use a rounding mode
 _PLACEHOLDER = "<StateCodec instance: "  # what a codec instance becomes in state_dict() (plain strings only)
 
 
@@ -60,10 +63,13 @@ class HybridAdam(QAdamW):
         v_codec: second moment: ``"factored"`` (default; row/column means, for >= 2-D tensors), ``"8bit"``,
             ``"4bit"``, ``"bf16"``, ``"fp32"``, ``"lowrank"``, or a ``StateCodec`` instance (it must decode
             to non-negative values).
-        rank: rank of the ``"lowrank"`` codecs (default 16).
+        rank: rank of the ``"lowrank"`` codecs (default ``None``: 16). Only with ``m_codec`` or ``v_codec``
+            ``"lowrank"``: elsewhere it would do nothing, so it raises ``ValueError``.
         **kwargs: every other ``QAdamW`` option (maps, block sizes, rounding, ``scale_dtype``,
             ``min_quantize_numel``, ``seed``, ``nonfinite``, ``correction_bits``, ``weight_rounding``, ...).
-            ``bits`` / ``m_bits`` / ``v_bits`` are set through the codecs and are refused.
+            ``bits`` / ``m_bits`` / ``v_bits`` are set through the codecs and are refused, and so is an
+            option the chosen codecs ignore (``ValueError``): ``{m,v}_map`` and ``{m,v}_block_size`` need that
+            moment at ``"4bit"``/``"8bit"``, ``{m,v}_rounding`` at ``"4bit"``/``"8bit"``/``"bf16"``.
 
     Every choice can also be set per param group. Tensors with fewer than ``min_quantize_numel`` elements
     (default 4096, global size) keep fp32 moments whatever the codec, and ``"factored"`` / ``"lowrank"``
@@ -80,7 +86,7 @@ class HybridAdam(QAdamW):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
-                 m_codec="4bit", v_codec="factored", rank: int = 16, **kwargs):  # fmt: skip
+                 m_codec="4bit", v_codec="factored", rank: int | None = None, **kwargs):  # fmt: skip
         self._codec_defaults = {"m_codec": m_codec, "v_codec": v_codec, "rank": rank}
         for key in ("bits", "m_bits", "v_bits"):
             if key in kwargs:
@@ -105,10 +111,31 @@ class HybridAdam(QAdamW):
             choice = self._setting(group, key)
             if not isinstance(choice, StateCodec):
                 check_choice(key, choice, list(table))
-        check_int("rank", self._setting(group, "rank"), 1)
+        if self._setting(group, "rank") is not None:
+            check_int("rank", self._setting(group, "rank"), 1)
+        self._check_options_have_effect(group)
         super().validate_group(group)
         for prefix in ("m", "v"):  # building the codecs validates the choice now, not mid-run
             self._moment_codec(group, prefix, None)
+
+    def _check_options_have_effect(self, group: dict) -> None:
+        """``ValueError`` naming an option that the group's codecs would silently ignore."""
+        m, v = (self._setting(group, key) for key in _CODEC_KEYS)
+        codecs = f"m_codec={_describe(m)}, v_codec={_describe(v)}"
+        rank = self._setting(group, "rank")
+        if rank is not None and "lowrank" not in (m, v):
+            raise ValueError(f"HybridAdam: rank={rank!r} has no effect with {codecs}: it sets the rank of the "
+                             "'lowrank' codec; pass m_codec='lowrank' or v_codec='lowrank', or drop rank")  # fmt: skip
+        for prefix, choice in (("m", m), ("v", v)):
+            for option, needs in (("map", _BLOCK_QUANTIZED), ("block_size", _BLOCK_QUANTIZED), ("rounding", _ROUNDED)):
+                key = f"{prefix}_{option}"
+                if group.get(key) is not None and choice not in needs:
+                    raise ValueError(f"HybridAdam: {key}={group[key]!r} has no effect with {prefix}_codec="
+                                     f"{_describe(choice)}: it applies to {prefix}_codec "
+                                     f"{' / '.join(repr(n) for n in needs)} only; drop it or change {prefix}_codec")  # fmt: skip
+        if group.get("rounding") is not None and m not in _ROUNDED and v not in _ROUNDED:
+            raise ValueError(f"HybridAdam: rounding={group['rounding']!r} has no effect with {codecs}: it applies to "
+                             "'4bit' / '8bit' / 'bf16' moments only; drop it")  # fmt: skip
 
     def _moment_codec(self, group, prefix, p):
         choice = self._setting(group, f"{prefix}_codec")
@@ -119,7 +146,7 @@ class HybridAdam(QAdamW):
         if choice == "factored":
             return _FACTORED
         if choice == "lowrank":
-            resolved = {"rank": self._setting(group, "rank"), "seed": group["seed"],
+            resolved = {"rank": self._setting(group, "rank") or DEFAULT_RANK, "seed": group["seed"],
                         "min_quantize_numel": group["min_quantize_numel"]}  # fmt: skip
             return lowrank_codec(prefix, resolved)
         bits = (M_CODECS if prefix == "m" else V_CODECS)[choice]
@@ -183,3 +210,8 @@ class HybridAdam(QAdamW):
         """The codec each moment of ``param`` uses (after the small-tensor and 1-D rules)."""
         group, _ = self._param_index(param)
         return self.codecs(param, group)
+
+
+def _describe(choice) -> str:
+    """A codec choice for an error message: the string's repr, or the instance's class name."""
+    return repr(choice) if isinstance(choice, str) else f"<{type(choice).__name__} instance>"
