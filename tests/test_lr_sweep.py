@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from efficient_optim.bench.lr_sweep_analysis import Point, summarize_curve
+from efficient_optim.bench.lr_sweep_analysis import Point, compare, summarize_curve
 from efficient_optim.bench.options import UsageError
 from efficient_optim.bench.suite_lr_sweep import lr_grid
 from efficient_optim.cli import main
@@ -56,6 +56,17 @@ def test_an_lr_with_any_diverged_seed_is_never_best_and_a_fully_diverged_curve_h
     s = summarize_curve([Point(3e-4, [2.5]), p])
     assert s["best_lr"] == 3e-4 and s["diverges_above"] == 1e-3
     assert summarize_curve([Point(1e-3, [], 2)])["best_lr"] is None
+
+
+def test_comparisons_at_own_best_at_adamws_best_and_at_the_shared_lr():
+    curves = {("adamw", 10): [Point(1e-3, [2.30, 2.32]), Point(3e-3, [2.40, 2.44])],
+              ("q8", 10): [Point(1e-3, [2.36, 2.36]), Point(3e-3, [2.31, 2.33])]}  # fmt: skip
+    (r,) = compare(curves, {k: summarize_curve(v) for k, v in curves.items()}, shared_lr=2.9e-3)
+    assert (r["best_lr"], r["reference_best_lr"], r["shared_lr"]) == (3e-3, 1e-3, 3e-3)
+    assert r["own_best_gap"] == pytest.approx(2.32 / 2.31 - 1)  # best vs best
+    assert r["at_reference_best_gap"] == pytest.approx(2.36 / 2.31 - 1)
+    assert r["shared_gap"] == pytest.approx(2.32 / 2.42 - 1)
+    assert r["shared_gap_spread"] == pytest.approx((0.01414**2 + 0.02828**2) ** 0.5 / 2.42, rel=1e-3)
 
 
 def test_quick_sweep_end_to_end_resume_and_report_rebuild(corpus, tmp_path, capsys):

@@ -148,6 +148,13 @@ def _gap(a: Point | None, b: Point | None) -> float | None:
     return a.mean / b.mean - 1
 
 
+def _spread(a: Point | None, b: Point | None) -> float | None:
+    """The seed spread of a gap: both points' stds combined, relative to ``b``'s mean (``None`` with < 2 seeds)."""
+    if a is None or b is None or a.std is None or b.std is None or not b.mean:
+        return None
+    return math.hypot(a.std, b.std) / b.mean
+
+
 def compare(curves: dict[tuple[str, int], list[Point]], summaries: dict, shared_lr: float,
             reference: str = "adamw") -> list[dict]:  # fmt: skip
     """Each non-reference curve against the reference's curve at the same warm-up.
@@ -159,7 +166,8 @@ def compare(curves: dict[tuple[str, int], list[Point]], summaries: dict, shared_
         reference: the optimizer spec to compare against. Default ``adamw``.
 
     Returns one dict per compared curve: ``own_best_gap`` (best vs best), ``shared_gap`` (at the shared
-    lr), ``at_ref_best_gap`` (at the reference's best lr), the lrs used, and both sides' seed std.
+    lr), ``at_reference_best_gap`` (at the reference's best lr), each with its seed spread (``<gap>_spread``:
+    both stds combined, relative; ``None`` with one seed), the lrs used, and both sides' seed std at the best.
     """
     rows = []
     for (spec, warm), points in curves.items():
@@ -169,14 +177,19 @@ def compare(curves: dict[tuple[str, int], list[Point]], summaries: dict, shared_
         s, r = summaries[(spec, warm)], summaries[(reference, warm)]
         own = r["best_loss"] and s["best_loss"] and s["best_loss"] / r["best_loss"] - 1
         mine, theirs = nearest_lr(points, shared_lr), nearest_lr(ref, shared_lr)
-        at_ref = None
+        at_ref, at_ref_spread = None, None
         if r["best_lr"] is not None:
-            at_ref = _gap(nearest_lr(points, r["best_lr"]), nearest_lr(ref, r["best_lr"]))
+            pair = nearest_lr(points, r["best_lr"]), nearest_lr(ref, r["best_lr"])
+            at_ref, at_ref_spread = _gap(*pair), _spread(*pair)
+        own_spread = None
+        if s["best_lr"] is not None and r["best_lr"] is not None:
+            own_spread = _spread(nearest_lr(points, s["best_lr"]), nearest_lr(ref, r["best_lr"]))
         rows.append({"optimizer": spec, "warmup": warm, "reference": reference,
                      "own_best_gap": own if s["best_loss"] and r["best_loss"] else None,
                      "best_lr": s["best_lr"], "reference_best_lr": r["best_lr"],
                      "shared_lr": mine.lr if mine else None, "shared_gap": _gap(mine, theirs),
-                     "at_reference_best_gap": at_ref, "best_std": s["best_std"],
+                     "at_reference_best_gap": at_ref, "best_std": s["best_std"], "own_best_gap_spread": own_spread,
+                     "shared_gap_spread": _spread(mine, theirs), "at_reference_best_gap_spread": at_ref_spread,
                      "reference_best_std": r["best_std"]})  # fmt: skip
     return rows
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from .lr_sweep_analysis import BASIN, SPIKE
@@ -69,13 +68,14 @@ def _gap_text(gap: float | None) -> str:
     return f"{'within' if gap <= BASIN else 'not within'} {BASIN:.0%} ({gap * 100:+.2f}%)"
 
 
-def _spread_text(r: dict, ref_loss: float | None) -> str:
-    """Whether the own-best gap is inside the seed spread measured here."""
-    if r["best_std"] is None or r["reference_best_std"] is None or r["own_best_gap"] is None or not ref_loss:
-        return " With one seed the seed spread is unknown."
-    spread = math.hypot(r["best_std"], r["reference_best_std"]) / ref_loss
-    inside = abs(r["own_best_gap"]) <= spread
-    return f" The best-vs-best gap is {'inside' if inside else 'outside'} the seed spread measured here ({spread * 100:.2f}%)."
+def spread_text(r: dict, key: str) -> str:
+    """Whether comparison ``r``'s gap ``key`` (``own_best_gap``, ``shared_gap``, ...) is inside its seed spread."""
+    gap, spread = r[key], r.get(f"{key}_spread")
+    if gap is None:
+        return "not comparable"
+    if spread is None:
+        return "the seed spread is unknown (one seed)"
+    return f"gap {'inside' if abs(gap) <= spread else 'outside'} the seed spread ({spread * 100:.2f}%)"
 
 
 def _comparison_sentence(r: dict, data: dict) -> str:
@@ -91,7 +91,7 @@ def _comparison_sentence(r: dict, data: dict) -> str:
     ref_best = f"{r['reference_best_lr']:g}" if r["reference_best_lr"] is not None else "none"
     return (f"- **{name}** vs AdamW: at each one's own best lr ({best} vs {ref_best}) {_gap_text(r['own_best_gap'])}; "
             f"at AdamW's best lr {_gap_text(r['at_reference_best_gap'])}; at the shared lr {r['shared_lr']:g} "
-            f"{_gap_text(r['shared_gap'])}.{width}{_spread_text(r, ref['best_loss'])}")  # fmt: skip
+            f"{_gap_text(r['shared_gap'])}.{width} Best vs best: {spread_text(r, 'own_best_gap')}.")  # fmt: skip
 
 
 def findings_markdown(data: dict) -> str:

@@ -30,7 +30,7 @@ from .metrics import write_json_atomic
 from .options import UsageError, check_optimizers
 from .quick import QUICK
 from .runner import plan_matrix
-from .suites import MET, NOT_MEASURABLE, NOT_MET, Suite, Verdict, register_suite
+from .suites import INDICATIVE, MET, NOT_MEASURABLE, NOT_MET, Suite, Verdict, register_suite
 
 DEFAULT_OPTIMIZERS = ("adamw", "qadamw8", "qadamw4", "hybrid_adam")
 QUICK_OPTIMIZERS = ("adamw", "adafactor")
@@ -130,7 +130,12 @@ class LrSweep(Suite):
                 if gap is None:
                     v.append(Verdict(crit, name, "n/a", NOT_MEASURABLE, "a seed diverged or did not run at that lr"))
                 else:
-                    v.append(Verdict(crit, name, f"{gap * 100:+.2f}%", MET if gap <= BASIN else NOT_MET, hint))
+                    verdict = MET if gap <= BASIN else NOT_MET
+                    if hint:  # one seed: the direction only
+                        verdict, why = INDICATIVE, f"one seed: points to '{verdict}'; the seed spread is unknown"
+                    else:
+                        why = words.spread_text(r, key)
+                    v.append(Verdict(crit, name, f"{gap * 100:+.2f}%", verdict, why))
         return v
 
     def sections(self, runs, out: Path, base: RunConfig) -> list[str]:
