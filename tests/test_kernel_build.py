@@ -79,3 +79,15 @@ def test_disabled_kernels_are_not_built(fresh_loader, monkeypatch):
     monkeypatch.setenv("EFFOPT_DISABLE_KERNELS", "1")
     monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kw: pytest.fail("built while disabled"))
     assert cpu.load_cpu_kernels() is None
+
+
+def test_bench_loads_the_kernel_before_its_runs_only_when_one_will_use_it(monkeypatch):
+    from efficient_optim.bench import quick
+    from efficient_optim.bench.config import RunConfig
+
+    calls = []
+    monkeypatch.setattr(quick, "load_cpu_kernels", lambda: calls.append(1))
+    quick.load_kernel_first([RunConfig(optimizer="adamw", device="cpu"), RunConfig(optimizer="adamw_bnb_8bit", device="cpu")])
+    assert calls == []  # torch's and third-party optimizers never use it: no build for them
+    quick.load_kernel_first([RunConfig(optimizer="adamw", device="cpu"), RunConfig(optimizer="qadamw8+bits=4", device="cpu")])
+    assert calls == [1]

@@ -18,7 +18,11 @@ import argparse
 import shlex
 import sys
 
+from tqdm import tqdm
+
+from ..kernels.cpu import load_cpu_kernels
 from ..registry import optimizer_entry
+from ..third_party import ChatterLog, chatter_to, quiet
 from .config import RunConfig
 from .options import (
     HelpFormatter,
@@ -50,7 +54,23 @@ def default_optimizers() -> tuple[list[str], list[str]]:
     return names, skipped
 
 
+def load_kernel_first(plan: list[RunConfig]) -> None:
+    """Build (or load) the fused CPU kernel now when a run will use it, so that its one-minute first build
+    is announced before the progress bar starts instead of stalling it."""
+    from .train import resolve_device
+
+    if any(optimizer_entry(c.optimizer_kwargs()[0]).ours and resolve_device(c.device).type == "cpu" for c in plan):
+        load_cpu_kernels()
+
+
 def main(argv=None) -> int:
+    """``effopt bench``: exit code 0, 1 (a run failed) or 2 (bad input). What optional baselines print while
+    they are imported and built goes to ``<out>/third_party.log``, not between the progress bar's lines."""
+    with chatter_to(ChatterLog()) as chatter:
+        return _main(argv, chatter)
+
+
+def _main(argv, chatter: ChatterLog) -> int:
     ap = argparse.ArgumentParser(prog="effopt bench", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--optimizers", default=None,
                     help="comma-separated specs: name[+key=value...] (default: the installed ones of "
@@ -74,20 +94,23 @@ def main(argv=None) -> int:
         out = output_folder(args, "bench")
         loggers = log_names(args)
         plan = plan_matrix(base, specs, args.seeds)
-        preflight(plan, out, resume=args.resume, log=loggers)  # everything checked before the header
+        with quiet("checking the plan: model, data and optimizers"):  # imports transformers, bitsandbytes, ...
+            preflight(plan, out, resume=args.resume, log=loggers)  # everything checked before the header
     except ValueError as exc:  # UsageError, or a setting plan_matrix refuses
         print(f"error: {exc}", file=sys.stderr)
         return 2
     command = "effopt bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(f"{len(plan)} runs ({len(specs)} optimizers x {args.seeds} seeds), model {base.model}, data {base.data}, "
           f"{base.steps} steps -> {out}" + ("" if args.resume else f"  (resume: --out {out} --resume)"), flush=True)  # fmt: skip
+    chatter.keep_in(out / "third_party.log")
+    load_kernel_first(plan)
 
-    def show(row: dict) -> None:
+    def show(row: dict) -> None:  # tqdm.write: the line goes above the progress bar, not after its text
         if row["diverged"]:
-            print(f"  {row['optimizer']:28s} seed {row['seed']}: DIVERGED at step {row['diverged_at_step']}", flush=True)
+            tqdm.write(f"  {row['optimizer']:28s} seed {row['seed']}: DIVERGED at step {row['diverged_at_step']}", file=sys.stdout)
             return
-        print(f"  {row['optimizer']:28s} seed {row['seed']}: train {row['final_train_loss']:.4f} val {row['final_val_loss']:.4f}  "
-              f"{row['state_bytes']:,} state bytes  {row['step_time_ms'] or 0:.1f} ms/step", flush=True)  # fmt: skip
+        tqdm.write(f"  {row['optimizer']:28s} seed {row['seed']}: train {row['final_train_loss']:.4f} val {row['final_val_loss']:.4f}  "
+                   f"{row['state_bytes']:,} state bytes  {row['step_time_ms'] or 0:.1f} ms/step", file=sys.stdout)  # fmt: skip
 
     try:
         summary = run_matrix(plan, out, resume=args.resume, log=loggers, progress=not args.no_progress,
