@@ -43,7 +43,7 @@ def _baseline_label(groups: list[Group]) -> str | None:
 def draw_loss_curves(out: Path, groups: list[Group], plt):
     """The loss figure (train left, validation right); returns it unsaved (tests inspect its lines)."""
     styles = line_styles([g.label for g in groups], _baseline_label(groups))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, (kind, key, title) in zip(axes, (("train", "train_loss", "training loss"), ("eval", "val_loss", "validation loss"))):
         for g in groups:
             steps, values = curves(out, g, kind, key)
@@ -54,6 +54,7 @@ def draw_loss_curves(out: Path, groups: list[Group], plt):
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss")
+    axes[1].set_ylabel("loss")
     axes[0].legend(fontsize=7)
     seeds = {len(g.ok) for g in groups if g.ok}
     fig.suptitle("Loss, " + ("one seed per optimizer" if seeds == {1} else
@@ -76,7 +77,7 @@ def draw_step_times(groups: list[Group], plt):
         if g.timing_loaded:
             bar.set_hatch("//")
             bar.set_alpha(0.6)
-    ax.set_xlabel("step time (ms), forward + backward + optimizer: median, whiskers interquartile range")
+    ax.set_xlabel("step time, ms (forward + backward + optimizer): median, whiskers IQR over steps")
     if any(g.timing_loaded for g in timed):
         ax.set_title("* hatched: measured on a loaded machine, not comparable", fontsize=8)
     ax.invert_yaxis()
