@@ -306,7 +306,7 @@ def test_defaults_resolve_as_documented():
     group8 = QAdamW([p]).param_groups[0]
     group4 = QAdamW([p], bits=4).param_groups[0]
     c8, c4 = QAdamW([p]).codecs(p, group8), QAdamW([p], bits=4).codecs(p, group4)
-    assert (c8["exp_avg"].qmap.name, c8["exp_avg"].rounding, c8["exp_avg_sq"].qmap.name) == ("dynamic", "nearest", "dynamic")
+    assert (c8["exp_avg"].qmap.name, c8["exp_avg"].rounding, c8["exp_avg_sq"].qmap.name) == ("dynamic", "nearest", "dynamic_nozero")
     assert (c4["exp_avg"].rounding, c4["exp_avg_sq"].qmap.name, c4["exp_avg_sq"].rounding) == (
         "stochastic", "sqrt_nozero", "nearest"
     )

@@ -14,7 +14,7 @@ import torch
 from ..quant.rounding import ROUNDING_MODES, mix_salt
 from ..state.factored import Factored
 from ..state.sharded import resolve_partial
-from .base import NONFINITE_POLICIES, CodecOptimizer
+from .base import NONFINITE_POLICIES, CodecOptimizer, check_lr
 from .lion import STATE_BITS
 from .rule_loop import begin_param_step, run_rule, state_codec
 from .validation import check_beta, check_choice, check_int, check_nonneg, check_positive
@@ -24,7 +24,7 @@ _FACTORED = Factored()
 
 def _rms(t: torch.Tensor) -> float:
     # the global RMS of a DTensor: its norm is a pending partial reduction until resolved
-    return float(resolve_partial(t.norm(2)) / math.sqrt(t.numel()))
+    return float(resolve_partial(t.detach().norm(2)) / math.sqrt(t.numel()))
 
 
 class Adafactor(CodecOptimizer):
@@ -51,7 +51,7 @@ class Adafactor(CodecOptimizer):
                  decay_rate: float = -0.8, beta1: float | None = None, weight_decay: float = 0.0,
                  scale_parameter: bool = True, relative_step: bool = True, warmup_init: bool = False, *,
                  m_bits: int = 32, rounding: str = "nearest", min_quantize_numel: int = 4096, seed: int = 0,
-                 nonfinite: str = "skip", correction_bits: int | None = None, weight_rounding: str = "auto"):  # fmt: skip
+                 nonfinite: str = "skip", maximize: bool = False, correction_bits: int | None = None, weight_rounding: str = "auto"):  # fmt: skip
         if lr is not None and relative_step:
             raise ValueError("Adafactor: cannot combine a manual lr with relative_step=True (set relative_step=False)")
         if warmup_init and not relative_step:
@@ -60,13 +60,13 @@ class Adafactor(CodecOptimizer):
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
                         weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
                         warmup_init=warmup_init, m_bits=m_bits, rounding=rounding,
-                        min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite,
+                        min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite, maximize=maximize,
                         correction_bits=correction_bits, weight_rounding=weight_rounding)  # fmt: skip
         super().__init__(params, defaults)
 
     def validate_group(self, group):
         if group["lr"] is not None:
-            check_positive("lr", group["lr"])
+            check_lr(group["lr"])
         eps = group["eps"]
         if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
             raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}")

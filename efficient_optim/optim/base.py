@@ -5,8 +5,10 @@ filled with today's defaults).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from abc import abstractmethod
+from collections import OrderedDict
 
 import torch
 
@@ -14,8 +16,10 @@ from ..kernels.cpu import load_cpu_kernels
 from ..quant.rounding import mix_salt
 from ..state import StateCodec, sharded
 from . import master_weights
+from .validation import check_positive
 
 NONFINITE_POLICIES = ("skip", "raise")
+_TORCH_ADDED_DEFAULTS = ("differentiable",)  # set by torch.optim.Optimizer.__setstate__, not ours
 _WEIGHT_SALT_ID = 7  # stochastic rounding of weights draws numbers apart from the states' (ids 0, 1, ...)
 
 
@@ -37,6 +41,12 @@ class CodecOptimizer(torch.optim.Optimizer):
       DTensor), ``"nearest"`` (what ``copy_`` does), ``"stochastic"`` (unbiased, no memory) or ``"kahan"``
       (a compensation buffer of the parameter's dtype). fp32 parameters are never affected.
 
+    - ``maximize``: False (default) or True: maximize the objective (the gradient's sign is flipped),
+      as ``torch.optim``'s ``maximize``.
+
+    ``lr`` may be a Python number or a one-element tensor (as in ``torch.optim``; a scheduler may change
+    it in place between steps).
+
     Non-finite gradients: before any state or parameter is touched, every gradient of the step is
     checked. With ``nonfinite="skip"`` (default) the whole step is skipped (no parameter, state or step
     counter changes), a ``RuntimeWarning`` is issued and ``skipped_steps`` is incremented, as AMP's
@@ -56,6 +66,7 @@ class CodecOptimizer(torch.optim.Optimizer):
         self._release = None  # the GradientRelease handle while gradient release is on
         defaults.setdefault("correction_bits", None)
         defaults.setdefault("weight_rounding", "auto")
+        defaults.setdefault("maximize", False)
         super().__init__(params, defaults)
 
     # --------------------------------------------------------------------------------- subclass API
@@ -76,17 +87,28 @@ class CodecOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
+        """``torch.optim.Optimizer.add_param_group``, atomic: a group with an invalid hyperparameter raises
+        ``ValueError`` naming it and is not added (the optimizer is left as it was)."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        master_weights.validate(group["correction_bits"], group["weight_rounding"])
-        self.validate_group(group)
+        try:
+            if not isinstance(group["maximize"], bool):
+                raise ValueError(f"invalid maximize: {group['maximize']!r} (must be True or False)")
+            master_weights.validate(group["correction_bits"], group["weight_rounding"])
+            self.validate_group(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        # a checkpoint written before a hyperparameter existed gets today's default for it
+        # a checkpoint written before a hyperparameter existed gets today's default for it (only our own
+        # hyperparameters: the keys torch's __setstate__ adds to ``defaults`` are not copied into groups,
+        # so state_dict() after load_state_dict() is the dict that was loaded)
         for group in self.param_groups:
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key not in _TORCH_ADDED_DEFAULTS:
+                    group.setdefault(key, value)
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("_release", None)
 
@@ -106,7 +128,8 @@ class CodecOptimizer(torch.optim.Optimizer):
             )
         loss, work = self._begin_step(closure)
         if work is not None:
-            self._apply(work)
+            with float_learning_rates(self.param_groups):
+                self._apply(work)
         return loss
 
     def _apply(self, work: list) -> None:
@@ -162,7 +185,7 @@ class CodecOptimizer(torch.optim.Optimizer):
         if param.grad is None:
             return
         group, index = self._param_index(param)
-        work = [(group, [(index, param, param.grad)])]
+        work = [(group, [(index, param, -param.grad if group["maximize"] else param.grad)])]
         if self._first_nonfinite(work) is not None:
             if self.defaults.get("nonfinite", "skip") == "raise":
                 raise FloatingPointError(f"{type(self).__name__}: gradient of parameter #{index} contains NaN or Inf")
@@ -170,7 +193,8 @@ class CodecOptimizer(torch.optim.Optimizer):
             warnings.warn(f"{type(self).__name__}: gradient of parameter #{index} contains NaN or Inf; its update "
                           "was skipped", RuntimeWarning, stacklevel=2)  # fmt: skip
             return
-        self._apply(work)
+        with float_learning_rates([group]):
+            self._apply(work)
 
     def _begin_step(self, closure):
         """Run the closure, check gradients; returns ``(loss, work)`` with ``work = None`` if skipped.
@@ -193,7 +217,7 @@ class CodecOptimizer(torch.optim.Optimizer):
                         raise RuntimeError(f"{name} does not support sparse gradients (parameter #{index}); use a dense gradient")
                     if g.is_complex() or p.is_complex():
                         raise RuntimeError(f"{name} does not support complex parameters (parameter #{index}); view them as real")
-                    items.append((index, p, g))
+                    items.append((index, p, -g if group["maximize"] else g))
                 index += 1
             work.append((group, items))
         bad = self._first_nonfinite(work)
@@ -248,11 +272,17 @@ class CodecOptimizer(torch.optim.Optimizer):
         Raises ``ValueError`` naming the parameter when the checkpoint's states do not fit this
         optimizer's parameters or settings (different shapes, bits, block size, ...).
         """
+        state_dict = self._run_load_pre_hooks(state_dict)
         saved_state = state_dict["state"]
         # saved state keys -> parameters as torch maps them: through the groups' "params" lists (indices, or
         # parameter names in the state dicts of torch.distributed.checkpoint's get_optimizer_state_dict)
         saved_ids = [k for g in state_dict["param_groups"] for k in g["params"]]
-        super().load_state_dict(state_dict)
+        hooks = self._optimizer_load_state_dict_pre_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # already run above, on the caller's dict
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
         id_map = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
         # torch casts every state tensor to a floating parameter's dtype; restore the saved dtypes exactly
         for key, st in saved_state.items():
@@ -262,6 +292,8 @@ class CodecOptimizer(torch.optim.Optimizer):
             for k, v in st.items():
                 if isinstance(v, torch.Tensor):
                     self.state[p][k] = v.to(device=p.device, copy=True)
+                elif k == "step" and isinstance(v, (int, float)):  # older or hand-written checkpoints
+                    self.state[p][k] = torch.tensor(float(v), dtype=torch.float32)
         sharded.load_local_states(self)  # exported local-shard states of DTensor parameters back to local
         index = 0
         for group in self.param_groups:
@@ -269,6 +301,15 @@ class CodecOptimizer(torch.optim.Optimizer):
                 if p in self.state and self.state[p]:
                     self._check_param_state(index, p, self.state[p], self.codecs(p, group))
                 index += 1
+
+    def _run_load_pre_hooks(self, state_dict: dict) -> dict:
+        """The state dict after every ``register_load_state_dict_pre_hook`` hook (a hook may return a new one)."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def _check_param_state(self, index: int, p: torch.Tensor, state: dict, codecs: dict[str, StateCodec]) -> None:
         for sname, codec in codecs.items():
@@ -296,3 +337,27 @@ class CodecOptimizer(torch.optim.Optimizer):
                     for codec in self.codecs(p, group).values():
                         out.update(codec.shared_tensors())
         return out
+
+
+def check_lr(lr) -> None:
+    """``ValueError`` naming ``lr`` unless it is a finite number > 0 or a one-element tensor holding one."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or lr.is_complex() or not lr.is_floating_point():
+            raise ValueError(f"invalid lr: a tensor lr must hold one real floating-point value, got {lr!r}")
+        lr = float(lr)
+    check_positive("lr", lr)
+
+
+@contextlib.contextmanager
+def float_learning_rates(groups: list[dict]):
+    """Within the block, each group's tensor ``lr`` is replaced by its value as a Python float (the rules and
+    kernels take numbers); the same tensor object is put back afterwards, so a scheduler that updates it in
+    place keeps working."""
+    saved = [(g, g["lr"]) for g in groups if isinstance(g.get("lr"), torch.Tensor)]
+    for g, lr in saved:
+        g["lr"] = float(lr)
+    try:
+        yield
+    finally:
+        for g, lr in saved:
+            g["lr"] = lr

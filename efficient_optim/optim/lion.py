@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ..quant.rounding import ROUNDING_MODES
-from .base import NONFINITE_POLICIES, CodecOptimizer
+from .base import NONFINITE_POLICIES, CodecOptimizer, check_lr
 from .rule_loop import run_rule, state_codec
-from .validation import check_betas, check_choice, check_int, check_nonneg, check_positive
+from .validation import check_betas, check_choice, check_int, check_nonneg
 
 STATE_BITS = (32, 16, 8, 4)
 
@@ -36,16 +36,16 @@ class Lion(CodecOptimizer):
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *, m_bits: int = 32,
                  m_block_size: int | None = None, rounding: str = "nearest", min_quantize_numel: int = 4096,
-                 seed: int = 0, nonfinite: str = "skip", correction_bits: int | None = None,
+                 seed: int = 0, nonfinite: str = "skip", maximize: bool = False, correction_bits: int | None = None,
                  weight_rounding: str = "auto"):  # fmt: skip
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, m_bits=m_bits, m_block_size=m_block_size,
-                        rounding=rounding, min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite,
+                        rounding=rounding, min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite, maximize=maximize,
                         correction_bits=correction_bits, weight_rounding=weight_rounding)  # fmt: skip
         super().__init__(params, defaults)
 
     def validate_group(self, group):
-        check_positive("lr", group["lr"])
+        check_lr(group["lr"])
         check_betas(group["betas"])
         check_nonneg("weight_decay", group["weight_decay"])
         check_choice("m_bits", group["m_bits"], STATE_BITS)

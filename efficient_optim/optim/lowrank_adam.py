@@ -39,6 +39,7 @@ from functools import cache
 
 import torch
 
+from ..policy.static import full_precision_codec
 from ..quant.rounding import mix_salt
 from ..state import Dense, StateCodec
 from ..state.lowrank import (
@@ -54,7 +55,8 @@ from ..state.lowrank import (
 )
 from ..state.sharded import is_dtensor
 from .adamw_rule import adamw_update_
-from .base import NONFINITE_POLICIES, CodecOptimizer
+from .base import NONFINITE_POLICIES, CodecOptimizer, check_lr
+from .dense_adamw import DenseAdamWBatch, working_views
 from .validation import check_betas, check_choice, check_int, check_nonneg, check_positive
 
 UPDATE_STRATEGIES = ("online", "randomized", "periodic", "factor_ema")
@@ -197,17 +199,22 @@ class LowRankAdam(CodecOptimizer):
         galore_scale: float = 1.0,
         seed: int = 0,
         nonfinite: str = "skip",
+        maximize: bool = False,
+        amsgrad: bool = False,
         correction_bits: int | None = None,
         weight_rounding: str = "auto",
     ):
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        if amsgrad:
+            raise ValueError(f"amsgrad=True is not supported by {type(self).__name__} (its moments are compressed; "
+                             "use torch.optim.AdamW(amsgrad=True) for the AMSGrad variant)")
         self._diag: dict = {}
         self._workspace: torch.Tensor | None = None
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, svd_freq=svd_freq,
             update_strategy=update_strategy, v_storage=v_storage, oversample=oversample, power_iters=power_iters,
             min_lowrank_numel=min_lowrank_numel, max_rank_fraction=max_rank_fraction, lowrank=lowrank, tail=tail,
-            galore_scale=galore_scale, seed=seed, nonfinite=nonfinite, correction_bits=correction_bits,
+            galore_scale=galore_scale, seed=seed, nonfinite=nonfinite, maximize=maximize, correction_bits=correction_bits,
             weight_rounding=weight_rounding,
         )  # fmt: skip
         super().__init__(params, defaults)
@@ -219,7 +226,7 @@ class LowRankAdam(CodecOptimizer):
 
     # ---------------------------------------------------------------------------------- settings
     def validate_group(self, group: dict) -> None:
-        check_positive("lr", group["lr"])
+        check_lr(group["lr"])
         check_betas(group["betas"])
         check_positive("eps", group["eps"])
         check_nonneg("weight_decay", group["weight_decay"])
@@ -275,7 +282,8 @@ class LowRankAdam(CodecOptimizer):
         kind = self.kind(param, group)
         r = group["rank"]
         if kind == "dense":
-            return {"exp_avg": _DENSE, "exp_avg_sq": _DENSE}
+            full = full_precision_codec(param)  # fp64 for a float64 parameter
+            return {"exp_avg": full, "exp_avg_sq": full}
         if kind == "periodic":
             return {"exp_avg": ProjectedMoment(r), "exp_avg_sq": ProjectedMoment(r), "proj": Projection(r)}
         if kind == "factor_ema":
@@ -313,7 +321,7 @@ class LowRankAdam(CodecOptimizer):
     # ---------------------------------------------------------------------------------------- step
     def update(self, work):
         for group, items in work:
-            dense = ([], [], [], [], [])
+            dense = DenseAdamWBatch()
             for index, p, g in items:
                 if is_dtensor(p) and self.kind(p, group) != "dense":
                     raise NotImplementedError(
@@ -326,13 +334,11 @@ class LowRankAdam(CodecOptimizer):
                 state = self._init_or_check_state(p, group, codecs, index)
                 state["step"] += 1
                 kind = self.kind(p, group)
-                if kind == "dense" and p.dtype == torch.float32 and g.dtype == torch.float32:
-                    for lst, t in zip(dense, (p, g, state["exp_avg"], state["exp_avg_sq"], state["step"])):
-                        lst.append(t)
+                if kind == "dense" and codecs["exp_avg"].is_dense_fp32 and dense.accepts(p, g):
+                    dense.add(p, g, state["exp_avg"], state["exp_avg_sq"], state["step"])
                     continue
                 step = int(state["step"].item())
-                p32 = p if p.dtype == torch.float32 else p.to(torch.float32)
-                g32 = g if g.dtype == torch.float32 else g.to(torch.float32)
+                p32, g32 = working_views(p, g)  # (fp64 for a fp64 parameter)
                 ws = self._arena_buffer(self._workspace_numel(p, group, kind), p.device)
                 if kind == "periodic":
                     diag = self._galore_step(group, index, p32, g32, state, step, ws)
@@ -344,12 +350,7 @@ class LowRankAdam(CodecOptimizer):
                     self._diag[p] = diag
                 if p32 is not p:
                     p.copy_(p32)
-            if dense[0]:
-                beta1, beta2 = group["betas"]
-                torch._fused_adamw_(
-                    *dense[:4], [], dense[4], lr=group["lr"], beta1=beta1, beta2=beta2,
-                    weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False,
-                )  # fmt: skip
+            dense.run(group)
 
     def _salt(self, group, index, name, step) -> int:
         return mix_salt(group["seed"], index, _STATE_IDS[name], step)
@@ -372,8 +373,8 @@ class LowRankAdam(CodecOptimizer):
         """
         beta1, beta2 = group["betas"]
         mc, vc = codecs["exp_avg"], codecs["exp_avg_sq"]
-        m = mc.decode(state, "exp_avg", p)
-        v = vc.decode(state, "exp_avg_sq", p)
+        m = mc.decode(state, "exp_avg", p).to(p.dtype)
+        v = vc.decode(state, "exp_avg_sq", p).to(p.dtype)
         if kind == "dense" or group["tail"] == "ema":
             adamw_update_(p, g, m, v, step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                           weight_decay=group["weight_decay"])  # fmt: skip

@@ -15,12 +15,15 @@ from ..state import Quantized, sharded
 from ..state.compose import learned_moment_codec, with_correction
 from ..state.corrected import RESIDUALS
 from .adamw_rule import adamw_update_
-from .base import NONFINITE_POLICIES, CodecOptimizer
+from .base import NONFINITE_POLICIES, CodecOptimizer, check_lr
+from .dense_adamw import DenseAdamWBatch, working_views
 from .validation import check_betas, check_choice, check_int, check_nonneg, check_positive
 
 # Defaults per moment and width, chosen from the measurements in BENCHMARKS.md: at 4 bits, a square-law
-# zero-free v map plus stochastic rounding of m close the gap to fp32 AdamW (each alone does not).
-DEFAULT_MAPS = {("m", 8): "dynamic", ("v", 8): "dynamic", ("m", 4): "dynamic", ("v", 4): "sqrt_nozero"}
+# zero-free v map plus stochastic rounding of m close the gap to fp32 AdamW (each alone does not). v never
+# gets a map with a zero level by default, at any width: a v stored as 0 under a nonzero m makes the update
+# lr * m / eps (a dead unit's weight moved thousands of times too far; tests/test_optimizer_contract.py).
+DEFAULT_MAPS = {("m", 8): "dynamic", ("v", 8): "dynamic_nozero", ("m", 4): "dynamic", ("v", 4): "sqrt_nozero"}
 DEFAULT_ROUNDING = {("m", 4): "stochastic"}  # everything else: nearest
 _STATE_IDS = {"exp_avg": 0, "exp_avg_sq": 1}
 
@@ -44,10 +47,12 @@ class QAdamW(CodecOptimizer):
         bits: storage width of both moments: 32 (fp32, same numbers as ``torch.optim.AdamW``),
             16 (bf16), 8 or 4 (block-wise quantized). Default 8.
         m_bits, v_bits: per-moment override of ``bits`` (default None: use ``bits``).
-        m_map, v_map: quantization map of each moment (``dynamic``, ``linear``, ``linear_nozero``,
-            ``sqrt_nozero``, ``softsign`` or a ``QuantMap``); None (default) picks ``dynamic`` for m, and for
-            v ``dynamic`` at 8 bits, ``sqrt_nozero`` at 4 bits (a zero level in a 4-bit v map makes updates
-            blow up; a linear zero-free one inflates small v 16x and slows training).
+        m_map, v_map: quantization map of each moment (``dynamic``, ``dynamic_nozero``, ``linear``,
+            ``linear_nozero``, ``sqrt_nozero``, ``softsign``, ``learned`` or a ``QuantMap``); None (default)
+            picks ``dynamic`` for m, and for v ``dynamic_nozero`` at 8 bits and ``sqrt_nozero`` at 4 bits.
+            v's default maps have no zero level: a v stored as 0 where m is not makes that coordinate's
+            update ``lr * m / eps`` (thousands of times too large); a map with a zero level for v (e.g.
+            ``v_map="dynamic"``) is allowed for studies of that failure.
         m_block_size, v_block_size: elements per quantization block; None (default) = 256 at 8 bits,
             128 at 4 bits.
         rounding: ``"nearest"`` or ``"stochastic"`` (reproducible from ``seed``) for states stored at 16, 8
@@ -104,6 +109,8 @@ class QAdamW(CodecOptimizer):
         min_quantize_numel: int = 4096,
         seed: int = 0,
         nonfinite: str = "skip",
+        maximize: bool = False,
+        amsgrad: bool = False,
         fused: bool | None = None,
         correction_bits: int | None = None,
         weight_rounding: str = "auto",
@@ -113,6 +120,9 @@ class QAdamW(CodecOptimizer):
         map_refit_every: int = 100,
     ):
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        if amsgrad:
+            raise ValueError(f"amsgrad=True is not supported by {type(self).__name__} (its moments are compressed; "
+                             "use torch.optim.AdamW(amsgrad=True) for the AMSGrad variant)")
         if fused not in (None, True, False):
             raise ValueError(f"invalid fused: {fused!r} (None, True or False)")
         if fused and load_cpu_kernels() is None:
@@ -121,14 +131,14 @@ class QAdamW(CodecOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bits=bits, m_bits=m_bits, v_bits=v_bits,
             m_map=m_map, v_map=v_map, m_block_size=m_block_size, v_block_size=v_block_size, rounding=rounding,
             m_rounding=m_rounding, v_rounding=v_rounding, scale_dtype=scale_dtype,
-            min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite, fused=fused,
+            min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite, maximize=maximize, fused=fused,
             correction_bits=correction_bits, weight_rounding=weight_rounding, m_correct_every=m_correct_every,
             v_correct_every=v_correct_every, ec_residual=ec_residual, map_refit_every=map_refit_every,
         )  # fmt: skip
         super().__init__(params, defaults)
 
     def validate_group(self, group: dict) -> None:
-        check_positive("lr", group["lr"])
+        check_lr(group["lr"])
         check_betas(group["betas"])
         check_positive("eps", group["eps"])
         check_nonneg("weight_decay", group["weight_decay"])
@@ -184,23 +194,17 @@ class QAdamW(CodecOptimizer):
 
     def update(self, work):
         for group, items in work:
-            dense = ([], [], [], [], [])
+            dense = DenseAdamWBatch()
             for index, p, g in items:
                 codecs = self.codecs(p, group)
                 state = self._init_or_check_state(p, group, codecs, index)
                 state["step"] += 1
                 mc, vc = codecs["exp_avg"], codecs["exp_avg_sq"]
-                if mc.is_dense_fp32 and vc.is_dense_fp32 and p.dtype == torch.float32 and g.dtype == torch.float32:
-                    for lst, t in zip(dense, (p, g, state["exp_avg"], state["exp_avg_sq"], state["step"])):
-                        lst.append(t)
+                if mc.is_dense_fp32 and vc.is_dense_fp32 and dense.accepts(p, g):
+                    dense.add(p, g, state["exp_avg"], state["exp_avg_sq"], state["step"])
                 elif not self._fused_step(group, index, p, g, state, mc, vc):
                     self._reference_step(group, index, p, g, state, codecs)
-            if dense[0]:
-                beta1, beta2 = group["betas"]
-                torch._fused_adamw_(
-                    *dense[:4], [], dense[4], lr=group["lr"], beta1=beta1, beta2=beta2,
-                    weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False,
-                )  # fmt: skip
+            dense.run(group)
 
     def _salt(self, group: dict, index: int, state_name: str, step: int) -> int:
         return mix_salt(group["seed"], index, _STATE_IDS[state_name], step)
@@ -208,14 +212,13 @@ class QAdamW(CodecOptimizer):
     def _reference_step(self, group, index, p, g, state, codecs) -> None:
         step = int(state["step"].item())
         beta1, beta2 = group["betas"]
-        p32 = p if p.dtype == torch.float32 else p.to(torch.float32)
-        g32 = g if g.dtype == torch.float32 else g.to(torch.float32)
-        m = codecs["exp_avg"].decode(state, "exp_avg", p)
-        v = codecs["exp_avg_sq"].decode(state, "exp_avg_sq", p)
-        adamw_update_(p32, g32, m, v, step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+        pw, gw = working_views(p, g)  # fp64 parameters are computed in fp64
+        m = codecs["exp_avg"].decode(state, "exp_avg", p).to(pw.dtype)
+        v = codecs["exp_avg_sq"].decode(state, "exp_avg_sq", p).to(pw.dtype)
+        adamw_update_(pw, gw, m, v, step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"])  # fmt: skip
-        if p32 is not p:
-            p.copy_(p32)
+        if pw is not p:
+            p.copy_(pw)
         for name, value in (("exp_avg", m), ("exp_avg_sq", v)):
             codecs[name].encode(state, name, value, salt=self._salt(group, index, name, step))
 
@@ -234,7 +237,7 @@ class QAdamW(CodecOptimizer):
             return False
         if mc.block_size != vc.block_size or p.device.type != "cpu" or p.dtype != torch.float32:
             return False
-        if g.dtype != torch.float32 or not p.is_contiguous() or type(p.data) is not torch.Tensor:
+        if g.dtype != torch.float32 or type(p.data) is not torch.Tensor:
             return False
         kernels = load_cpu_kernels()
         if kernels is None:
@@ -242,8 +245,9 @@ class QAdamW(CodecOptimizer):
         step = int(state["step"].item())
         beta1, beta2 = group["betas"]
         mq, vq = mc.qmap, vc.qmap
+        target = p if p.is_contiguous() else p.contiguous()  # a strided parameter steps on a copy
         kernels.adamw_quantized_step(
-            p, g.contiguous(),
+            target, g.contiguous(),
             state["exp_avg.codes"], state["exp_avg.scales"], *_kernel_tables(mq), mc.bits,
             mc.rounding == "stochastic", m_salt,
             state["exp_avg_sq.codes"], state["exp_avg_sq.scales"], *_kernel_tables(vq), vc.bits,
@@ -251,4 +255,6 @@ class QAdamW(CodecOptimizer):
             mc.block_size, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
             group["lr"] / (1 - beta1**step), math.sqrt(1 - beta2**step),
         )  # fmt: skip
+        if target is not p:
+            p.copy_(target)
         return True

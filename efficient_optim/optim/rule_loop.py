@@ -8,6 +8,7 @@ import torch
 
 from ..policy.static import global_numel, moment_codec
 from ..quant.rounding import mix_salt
+from .dense_adamw import working_views
 
 
 def state_codec(group: dict, prefix: str, param: torch.Tensor | None, *, signed: bool, default_map: str = "dynamic"):
@@ -25,14 +26,14 @@ def state_codec(group: dict, prefix: str, param: torch.Tensor | None, *, signed:
 
 def begin_param_step(opt, group: dict, index: int, p: torch.Tensor, g: torch.Tensor):
     """One parameter's step begins: its codecs, its (initialized or checked) state with the step counter
-    advanced, the step number, and fp32 views of the parameter and gradient (the tensors themselves when
-    already fp32; otherwise write ``p32`` back with ``p.copy_``)."""
+    advanced, the step number, and working views of the parameter and gradient (fp32, or fp64 for a float64
+    parameter: ``dense_adamw.working_views``; the tensors themselves when already in that dtype, otherwise
+    write ``p32`` back with ``p.copy_``)."""
     codecs = opt.codecs(p, group)
     state = opt._init_or_check_state(p, group, codecs, index)
     state["step"] += 1
     step = int(state["step"].item())
-    p32 = p if p.dtype == torch.float32 else p.to(torch.float32)
-    g32 = g if g.dtype == torch.float32 else g.to(torch.float32)
+    p32, g32 = working_views(p, g)
     return codecs, state, step, p32, g32
 
 
@@ -43,7 +44,7 @@ def run_rule(opt, work: list, rule: Callable, state_ids: dict[str, int]) -> None
     for group, items in work:
         for index, p, g in items:
             codecs, state, step, p32, g32 = begin_param_step(opt, group, index, p, g)
-            views = {name: codec.decode(state, name, p) for name, codec in codecs.items()}
+            views = {name: codec.decode(state, name, p).to(p32.dtype) for name, codec in codecs.items()}
             rule(group, p32, g32, views, step)
             if p32 is not p:
                 p.copy_(p32)

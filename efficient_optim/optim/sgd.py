@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..quant.rounding import ROUNDING_MODES
-from .base import NONFINITE_POLICIES, CodecOptimizer
+from .base import NONFINITE_POLICIES, CodecOptimizer, check_lr
 from .lion import STATE_BITS
 from .rule_loop import run_rule, state_codec
 from .validation import check_choice, check_int, check_nonneg, check_positive
@@ -41,17 +41,17 @@ class SGD(CodecOptimizer):
     def __init__(self, params, lr: float = 1e-2, momentum: float = 0.9, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, momentum_bits: int = 8,
                  block_size: int | None = None, rounding: str = "nearest", min_quantize_numel: int = 4096,
-                 seed: int = 0, nonfinite: str = "skip", correction_bits: int | None = None,
+                 seed: int = 0, nonfinite: str = "skip", maximize: bool = False, correction_bits: int | None = None,
                  weight_rounding: str = "auto"):  # fmt: skip
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, m_bits=momentum_bits, m_block_size=block_size, rounding=rounding,
-                        min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite,
+                        min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite, maximize=maximize,
                         correction_bits=correction_bits, weight_rounding=weight_rounding)  # fmt: skip
         super().__init__(params, defaults)
 
     def validate_group(self, group):
-        check_positive("lr", group["lr"])
+        check_lr(group["lr"])
         check_positive("momentum", group["momentum"])
         check_nonneg("dampening", group["dampening"])
         check_nonneg("weight_decay", group["weight_decay"])

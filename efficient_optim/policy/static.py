@@ -40,6 +40,13 @@ def codec_for(
     return Quantized(bits, block_size, map, signed, rounding, scale_dtype)
 
 
+def full_precision_codec(param: torch.Tensor | None) -> StateCodec:
+    """The dense state that loses nothing: fp32, or fp64 for a float64 parameter (as ``torch.optim`` keeps it)."""
+    if param is not None and param.dtype == torch.float64:
+        return Dense(torch.float64)
+    return codec_for(32)
+
+
 def moment_codec(group: dict, prefix: str, param: torch.Tensor, *, signed: bool) -> StateCodec:
     """Codec for the state whose group settings start with ``prefix`` (``"m"`` or ``"v"``).
 
@@ -51,7 +58,7 @@ def moment_codec(group: dict, prefix: str, param: torch.Tensor, *, signed: bool)
         bits = 32
     rounding = group.get(f"{prefix}_rounding") or group.get("rounding") or "nearest"
     if bits == 32:
-        return codec_for(32)
+        return full_precision_codec(param)
     if bits == 16:
         return codec_for(16, rounding=rounding)
     return codec_for(

@@ -20,7 +20,7 @@ from functools import cache
 
 import torch
 
-MAP_NAMES = ("dynamic", "linear", "linear_nozero", "sqrt_nozero", "softsign", "learned")
+MAP_NAMES = ("dynamic", "dynamic_nozero", "linear", "linear_nozero", "sqrt_nozero", "softsign", "learned")
 
 # The bucket table spans |u| in [2**-exp_range, 1] (smaller values share the bottom bucket). Each map
 # gets the smallest exponent window and mantissa width that keep one level per bucket, so the int32
@@ -63,7 +63,10 @@ class QuantMap:
         object.__setattr__(self, "levels", levels)
         if not self.signed and levels[0] < 0:
             raise ValueError(f"map {self.name!r}: an unsigned map cannot have negative levels")
-        lut, mbits, erange = _build_bucket_table(levels, self.signed, floor=True)
+        try:
+            lut, mbits, erange = _build_bucket_table(levels, self.signed, floor=True)
+        except ValueError:
+            raise ValueError(f"map {self.name!r}: {_closest_pair(levels)}") from None
         object.__setattr__(self, "lut", lut)
         object.__setattr__(self, "lut_mantissa_bits", mbits)
         object.__setattr__(self, "lut_exp_range", erange)
@@ -95,6 +98,17 @@ class QuantMap:
     def __repr__(self) -> str:
         kind = "signed" if self.signed else "unsigned"
         return f"QuantMap({self.name!r}, bits={self.bits}, {kind}, levels={self.num_levels})"
+
+
+def _closest_pair(levels: torch.Tensor) -> str:
+    """Why a codebook cannot get a bucket table: its two closest levels (relative to their magnitude)."""
+    lv = levels.to(torch.float64)
+    gaps = (lv[1:] - lv[:-1]) / torch.maximum(lv[1:].abs(), lv[:-1].abs()).clamp_min(1e-300)
+    i = int(gaps.argmin())
+    return (f"levels {float(lv[i]):.8g} and {float(lv[i + 1]):.8g} are too close together (relative gap "
+            f"{float(gaps[i]):.2g}); the encoder's bucket table separates levels whose relative gap is at least "
+            f"about 2**-{_MAX_LUT_MANTISSA_BITS} = {2.0**-_MAX_LUT_MANTISSA_BITS:.2g}, and levels below "
+            f"2**-{_MAX_EXP_RANGE} of the block maximum share one bucket: merge or space them further apart")
 
 
 def _bucket_keys(u: torch.Tensor, mantissa_bits: int, exp_range: int, signed: bool) -> torch.Tensor:
@@ -218,6 +232,26 @@ def _dynamic_levels(bits: int, signed: bool) -> list[float]:
     return vals
 
 
+def _dynamic_nozero_levels(bits: int, signed: bool) -> list[float]:
+    """The dynamic map without a zero level, so a nonzero state never decodes to exactly zero.
+
+    Meant for the second moment: with a zero level, a coordinate whose v is below half the smallest
+    positive level (~3e-7 of its block's maximum at 8 bits) is stored as 0 while its m is not, and its
+    update becomes ``lr * m / eps`` -- thousands of times too large. Unsigned: the zero level is replaced
+    by the dynamic pattern continued one decade down (one level, at ``0.55 * 10**-(bits-1)``), so tiny
+    values are stored slightly too large, which only shrinks their updates. Signed: the map is made
+    symmetric (the smallest-magnitude negative level that ``dynamic`` drops is kept) and has no zero.
+    """
+    exponent_levels = bits - 1
+    vals = [v for v in _dynamic_levels(bits, signed) if v != 0.0]
+    if signed:
+        smallest = min(v for v in vals if v > 0)
+        vals.append(-smallest)
+    else:
+        vals.append(0.55 * 10.0**-exponent_levels)
+    return sorted(vals)
+
+
 def _linear_levels(bits: int, signed: bool) -> list[float]:
     if signed:  # symmetric, with an exact zero: 2**bits - 1 levels
         half = 2 ** (bits - 1) - 1
@@ -257,6 +291,7 @@ def _softsign_levels(bits: int, signed: bool) -> list[float]:
 
 _BUILDERS = {
     "dynamic": _dynamic_levels,
+    "dynamic_nozero": _dynamic_nozero_levels,
     "linear": _linear_levels,
     "linear_nozero": _linear_nozero_levels,
     "sqrt_nozero": _sqrt_nozero_levels,
@@ -269,7 +304,7 @@ def get_map(name: str, bits: int, signed: bool) -> QuantMap:
     """The shared built-in map ``name`` at ``bits`` bits (one object per configuration, cached).
 
     Args:
-        name: ``dynamic``, ``linear``, ``linear_nozero``, ``sqrt_nozero`` or ``softsign``. ``learned`` maps are fitted
+        name: ``dynamic``, ``dynamic_nozero``, ``linear``, ``linear_nozero``, ``sqrt_nozero`` or ``softsign``. ``learned`` maps are fitted
             to data with ``learned_map`` instead.
         bits: 4 or 8.
         signed: True for states that change sign (momentum), False for non-negative ones (variance).

@@ -9,7 +9,7 @@ import torch
 from ..quant.rounding import ROUNDING_MODES, uniform_from_hash
 from .codec import StateCodec
 
-DENSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DENSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def round_to_bf16_stochastic(x: torch.Tensor, salt: int) -> torch.Tensor:
@@ -30,7 +30,8 @@ class Dense(StateCodec):
     """A dense state.
 
     Args:
-        dtype: storage dtype, ``torch.float32`` (default), ``torch.bfloat16`` or ``torch.float16``.
+        dtype: storage dtype, ``torch.float32`` (default), ``torch.bfloat16``, ``torch.float16``, or
+            ``torch.float64`` (the full-precision state of a float64 parameter, as ``torch.optim`` keeps it).
         rounding: ``"nearest"`` (default) or ``"stochastic"`` (bf16 only) when storing below fp32.
     """
 
@@ -54,7 +55,7 @@ class Dense(StateCodec):
 
     def decode(self, state, name, param):
         t = state[name]
-        return t if t.dtype == torch.float32 else t.to(torch.float32)
+        return t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
 
     def encode(self, state, name, value, *, salt=0):
         t = state[name]
