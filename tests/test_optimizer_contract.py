@@ -296,3 +296,14 @@ def test_low_precision_parameters_step(name, dtype):
     for p, b in zip(params, before):
         assert p.dtype == dtype and bool(torch.isfinite(p).all())
         assert not torch.equal(p.detach(), b)
+
+
+@pytest.mark.parametrize("name", ["qadamw8", "sgd"])
+def test_nonfinite_gradient_warning_points_at_the_callers_line(name):
+    params = _params()
+    opt = OPTIMIZERS[name](params)
+    _grads(params, 0)
+    params[0].grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN or Inf") as record:
+        opt.step()
+    assert record[0].filename == __file__

@@ -6,6 +6,8 @@ filled with today's defaults).
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import warnings
 from abc import abstractmethod
 from collections import OrderedDict
@@ -191,7 +193,7 @@ class CodecOptimizer(torch.optim.Optimizer):
                 raise FloatingPointError(f"{type(self).__name__}: gradient of parameter #{index} contains NaN or Inf")
             self.skipped_steps += 1
             warnings.warn(f"{type(self).__name__}: gradient of parameter #{index} contains NaN or Inf; its update "
-                          "was skipped", RuntimeWarning, stacklevel=2)  # fmt: skip
+                          "was skipped", RuntimeWarning, stacklevel=caller_stacklevel())  # fmt: skip
             return
         with float_learning_rates([group]):
             self._apply(work)
@@ -232,7 +234,7 @@ class CodecOptimizer(torch.optim.Optimizer):
                 f"{name}: gradient of parameter #{bad} contains NaN or Inf; step skipped "
                 f"(no parameter or state changed; {self.skipped_steps} skipped so far)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=caller_stacklevel(),
             )
             return loss, None
         return loss, work
@@ -361,3 +363,16 @@ def float_learning_rates(groups: list[dict]):
     finally:
         for g, lr in saved:
             g["lr"] = lr
+
+
+_SKIPPED_PACKAGES = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the user's line that called into the optimizer: the
+    first frame outside this package and torch (``step()`` is wrapped by torch's no-grad, compiler and hook
+    decorators, so a fixed level would name one of torch's files)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_SKIPPED_PACKAGES):
+        frame, level = frame.f_back, level + 1
+    return level
