@@ -79,6 +79,28 @@ def test_default_evaluations_and_the_final_sharpness(corpus, tmp_path):
     assert "sharpness" not in train_run(tiny(corpus, steps=2, checkpoint_every=0), tmp_path / "n")
 
 
+def test_final_sharpness_is_the_top_positive_curvature_even_when_a_negative_one_is_larger():
+    from efficient_optim.bench.train import final_sharpness
+
+    class Saddle(torch.nn.Module):  # loss 0.5 * (x0² - 3 x1²): eigenvalues +1 and -3
+        def __init__(self):
+            super().__init__()
+            self.x = torch.nn.Parameter(torch.tensor([0.3, -0.2]))
+
+    class Task:
+        def train_batch(self, gen):
+            return torch.tensor([1.0, -3.0])
+
+        def loss(self, model, batch):
+            return 0.5 * (batch * model.x**2).sum()
+
+    model = Saddle()
+    out = final_sharpness(Task(), model, iters=50)
+    assert out["extreme_eigenvalue"] == pytest.approx(-3.0, rel=1e-3)
+    assert out["sharpness"] == pytest.approx(1.0, rel=1e-3) and out["converged"]
+    assert model.training and model.x.grad is None
+
+
 def test_a_folder_written_before_a_setting_existed_still_resumes(corpus, tmp_path):
     cfg = tiny(corpus, steps=2, checkpoint_every=0)
     train_run(cfg, tmp_path / "r")

@@ -77,9 +77,10 @@ class RunConfig:
         log_every: write a ``metrics.jsonl`` line every N steps. Default 10.
         checkpoint_every: save a resumable checkpoint every N steps (``0``: never). Default 100.
         target_ppl: report the first evaluated step whose validation perplexity is at or below this.
-        sharpness_iters: at the end of the run, estimate the top Hessian eigenvalue of the training loss on one
-            fixed batch with this many power iterations (each about two backward passes; ``0``, the default:
-            skip). Recorded as ``sharpness`` in the run's summary row.
+        sharpness_iters: at the end of the run, estimate the top positive Hessian eigenvalue of the training
+            loss on one fixed batch with this many power iterations (each about two backward passes, twice as
+            many when a negative eigenvalue dominates; ``0``, the default: skip). Recorded as ``sharpness``
+            in the run's summary row.
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available). Default ``auto``.
         param_dtype: dtype the model's parameters are stored in: ``float32`` (default), ``bfloat16`` or
             ``float16`` (then the optimizer's ``correction_bits`` / ``weight_rounding`` decide how updates

@@ -199,7 +199,7 @@ class P1Baselines(Suite):
     @staticmethod
     def _sharpness(groups: list[Group]) -> list[Verdict]:
         """The top Hessian eigenvalue each run measured at its end (mean over seeds)."""
-        crit = "sharpness (top Hessian eigenvalue of the training loss at the end, one fixed batch)"
+        crit = "sharpness (top positive Hessian eigenvalue of the training loss at the end, one fixed batch)"
         measured = [g for g in groups if g.stat("sharpness")[0] is not None]
         if not measured:
             return [Verdict(crit, "-", "n/a", NOT_MEASURABLE, "these runs did not measure it (run config "
