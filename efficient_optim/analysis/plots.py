@@ -15,9 +15,9 @@ from pathlib import Path
 from .probe import error_series
 from .stats import HIST_EDGES, growth_exponent
 
-# Colour-blind-safe colours (Okabe-Ito, then tab10's others), line styles and markers: combined so that every
+# Colour-blind-safe colours (Okabe-Ito without its pale yellow, Tol indigo, then tab10 browns and greys), line styles and markers: combined so that every
 # line of a plot with up to 40 lines differs from every other in colour, dash pattern or marker.
-COLORS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#8c564b", "#7f7f7f", "#bcbd22")
+COLORS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#332288", "#8c564b", "#7f7f7f", "#bcbd22")
 LINESTYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 BASELINE_STYLE = {"color": "black", "linestyle": "-", "marker": None, "linewidth": 2.2, "zorder": 5}
