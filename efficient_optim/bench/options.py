@@ -52,7 +52,7 @@ def add_run_options(ap: argparse.ArgumentParser, defaults: RunConfig) -> None:
     ap.add_argument("--warmup", type=int, default=d.warmup_steps, help="warm-up steps (default 5%% of --steps)")
     ap.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"decoupled weight decay (default {d.weight_decay})")
     ap.add_argument("--clip", type=float, default=d.clip, help=f"gradient-norm clipping, 0 = off (default {d.clip})")
-    ap.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps (default: at the end only)")
+    ap.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps; 0 = at the end only (default: five times per run, every steps//5)")
     ap.add_argument("--eval-batches", type=int, default=d.eval_batches, help=f"validation batches per evaluation (default {d.eval_batches})")
     ap.add_argument("--target-ppl", type=float, default=d.target_ppl, help="record the first evaluated step at or below this validation perplexity")
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"resumable checkpoint every N steps (default {d.checkpoint_every})")
