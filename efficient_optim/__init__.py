@@ -5,6 +5,7 @@ policy (see DESIGN.md). Public entry points:
 
 - ``QAdamW``: AdamW with block-wise quantized (8/4-bit) or dense (32/16-bit) moments.
 - ``HybridAdam``: AdamW with a 4-bit first moment and a factored second moment (~0.52 B/param).
+- ``LowRankAdam``: AdamW with a rank-r first moment of each weight matrix and a factored second moment.
 - ``Adafactor``, ``Lion``, ``SGD``: the baselines' rules, their states through the same codecs.
 - ``create_optimizer(name, params_or_model, **kw)`` / ``list_optimizers()``: the registry.
 - ``state_bytes(optimizer)``, ``state_breakdown(...)``, ``bytes_per_param(...)``: exact state memory.
@@ -12,7 +13,7 @@ policy (see DESIGN.md). Public entry points:
 - ``enable_gradient_release(model, optimizer)``: step each parameter during backward and free its gradient.
 """
 
-from .optim import SGD, Adafactor, HybridAdam, Lion, QAdamW
+from .optim import SGD, Adafactor, HybridAdam, Lion, LowRankAdam, QAdamW
 from .optim.gradient_release import enable_gradient_release
 from .profiling import bytes_per_param, state_breakdown, state_bytes, training_bytes
 from .registry import create_optimizer, list_optimizers, register_optimizer
@@ -24,6 +25,7 @@ __all__ = [
     "Adafactor",
     "HybridAdam",
     "Lion",
+    "LowRankAdam",
     "QAdamW",
     "bytes_per_param",
     "create_optimizer",

@@ -5,8 +5,9 @@ from .adamw_rule import adamw_update_
 from .base import CodecOptimizer
 from .hybrid_adam import HybridAdam
 from .lion import Lion, lion_update_
+from .lowrank_adam import LowRankAdam
 from .qadamw import QAdamW
 from .sgd import SGD, sgd_momentum_update_
 
-__all__ = ["Adafactor", "CodecOptimizer", "HybridAdam", "Lion", "QAdamW", "SGD", "adamw_update_", "lion_update_",
-           "sgd_momentum_update_"]  # fmt: skip
+__all__ = ["Adafactor", "CodecOptimizer", "HybridAdam", "Lion", "LowRankAdam", "QAdamW", "SGD", "adamw_update_",
+           "lion_update_", "sgd_momentum_update_"]  # fmt: skip
