@@ -7,7 +7,7 @@ CPUs sharing a home directory each get their own build and never rebuild or load
 build takes about a minute on 2 cores and says so on stderr (one line before, the time after); later
 processes load it in well under a second, silently. When no compiler is present, the build fails, or
 ``EFFOPT_DISABLE_KERNELS=1`` is set, ``load_cpu_kernels()`` returns ``None`` (after one warning for a failed
-build) and the optimizers use the plain PyTorch reference path (same results, several times slower).
+build) and the optimizers use the plain PyTorch reference path (the same arithmetic to within float rounding, several times slower).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def load_cpu_kernels():
     except Exception as exc:  # no compiler, no ninja, build error: fall back, say so once
         warnings.warn(
             f"efficient_optim: fused CPU kernel unavailable ({type(exc).__name__}: {str(exc)[:300]}); "
-            "using the PyTorch reference path (slower, same results)",
+            "using the PyTorch reference path (slower; equal to float rounding)",
             RuntimeWarning,
             stacklevel=2,
         )
