@@ -42,10 +42,11 @@ def largest_move(make, seed: int) -> float:
     return max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Print the table; ``argv``: command-line arguments (default: ``sys.argv[1:]``)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = {name: [largest_move(make, s) for s in range(args.seeds)] for name, make in CONFIGS.items()}
     reference = max(rows["adamw (torch)"])
     print("| optimizer | largest move per seed (lr 1e-3, 2 steps) | worst / AdamW's worst |\n|---|---|---:|")
