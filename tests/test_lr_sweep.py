@@ -76,6 +76,7 @@ def test_quick_sweep_end_to_end_resume_and_report_rebuild(corpus, tmp_path, caps
     data = json.loads((out / "lr_sweep.json").read_text())
     assert [(c["optimizer"], len(c["points"])) for c in data["curves"]] == [("adamw", 3), ("adafactor", 3)]
     assert [p["lr"] for p in data["curves"][0]["points"]] == [1e-3, 3e-3, 9e-3]  # --lr / 3, --lr, --lr x 3
+    assert {c["warmup"] for c in data["curves"]} == {1}  # the main job's 75-step warm-up would outlast 6 steps
     (cmp,) = data["comparisons"]
     assert cmp["optimizer"] == "adafactor" and cmp["shared_lr"] == 3e-3
     for key in ("own_best_gap", "shared_gap", "at_reference_best_gap"):

@@ -49,7 +49,8 @@ def add_run_options(ap: argparse.ArgumentParser, defaults: RunConfig) -> None:
     ap.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step (default 1)")
     ap.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate, AdamW scale (default {d.lr}); Lion/SGD are scaled, see docs/bench.md")
     ap.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help=f"cosine floor as a fraction of --lr (default {d.min_lr_ratio})")
-    ap.add_argument("--warmup", type=int, default=d.warmup_steps, help="warm-up steps (default 5%% of --steps)")
+    ap.add_argument("--warmup", type=int, default=d.warmup_steps, help="warm-up steps (default "
+                    + (f"{d.warmup_steps})" if d.warmup_steps is not None else "5%% of --steps)"))
     ap.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"decoupled weight decay (default {d.weight_decay})")
     ap.add_argument("--clip", type=float, default=d.clip, help=f"gradient-norm clipping, 0 = off (default {d.clip})")
     ap.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps; 0 = at the end only (default: five times per run, every steps//5)")

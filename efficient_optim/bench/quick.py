@@ -7,7 +7,8 @@
 
 By default a GPT-2 built from a ``transformers`` config (gpt2-tiny: 2 layers, width 128, 4 heads; context
 64; byte-level vocabulary: ~0.45M parameters) trains on the running interpreter's own standard-library
-sources (no download, on any machine) with linear warm-up + cosine decay and clipping at 1.0. Each run
+sources (no download, on any machine) with lr 3e-3, a 75-step linear warm-up (both chosen by an AdamW lr x
+warm-up sweep, BENCHMARKS.md) + cosine decay and clipping at 1.0. Each run
 writes its metrics into the output folder; ``summary.json``, ``report.md`` and plots are written there
 too (format: docs/bench.md).
 """
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from ..kernels.cpu import load_cpu_kernels
 from ..registry import optimizer_entry
 from ..third_party import ChatterLog, chatter_to, quiet
-from .config import RunConfig
+from .config import MAIN_JOB_LR, MAIN_JOB_WARMUP, RunConfig
 from .options import (
     HelpFormatter,
     UsageError,
@@ -38,7 +39,7 @@ from .report import build_report, terminal_table
 from .runner import plan_matrix, run_matrix
 
 DEFAULT_OPTIMIZERS = ("adamw", "qadamw8", "qadamw4", "hybrid_adam", "adafactor", "lion", "adamw_bnb_8bit")
-QUICK = RunConfig(steps=250, context=64, batch_size=16, lr=3e-3)
+QUICK = RunConfig(steps=250, context=64, batch_size=16, lr=MAIN_JOB_LR, warmup_steps=MAIN_JOB_WARMUP)
 
 
 def default_optimizers() -> tuple[list[str], list[str]]:

@@ -9,7 +9,7 @@ AdamW's best lr and at a shared lr (``--lr``, snapped to the grid). Lrs are on A
 get their usual multipliers (docs/bench.md).
 
     effopt suite lr-sweep                                   # 4 optimizers x 9 lrs (1e-4..1e-2) x 3 seeds
-    effopt suite lr-sweep --quick                           # 2 optimizers x 3 lrs x 1 seed x 20 steps
+    effopt suite lr-sweep --quick                           # 2 optimizers x 3 lrs x 1 seed x 20 steps (warm-up 1)
     effopt suite lr-sweep --optimizers adamw --lr-min 3e-4 --lr-max 3e-3 --lr-points 4 --warmups 12,25,50
     effopt suite lr-sweep --out runs/lr --resume            # continue an interrupted sweep
 
@@ -94,13 +94,17 @@ class LrSweep(Suite):
         if lrs is None:
             lo, hi, n = (args.lr / 3, args.lr * 3, 3) if args.quick else (1e-4, 1e-2, 9)
             lrs = lr_grid(args.lr_min or lo, args.lr_max or hi, args.lr_points or n)
-        self.options = {"optimizers": specs, "lrs": sorted(set(lrs)), "warmups": _floats(args.warmups, "--warmups", int)}
+        warmup = args.warmup
+        if args.quick and warmup is not None and warmup >= args.steps:  # the main job's warm-up outlasts a quick run
+            warmup = max(1, args.steps // 20)
+        self.options = {"optimizers": specs, "lrs": sorted(set(lrs)), "warmups": _floats(args.warmups, "--warmups", int),
+                        "warmup": warmup}  # fmt: skip
 
     def plan(self, base, seeds, quick):
         opts = self.options or {"optimizers": list(QUICK_OPTIMIZERS if quick else DEFAULT_OPTIMIZERS),
                                 "lrs": lr_grid(base.lr / 3, base.lr * 3, 3), "warmups": None}  # fmt: skip
         settings = {}
-        for warm in opts["warmups"] or [base.warmup_steps]:
+        for warm in opts["warmups"] or [opts.get("warmup", base.warmup_steps)]:
             for lr in opts["lrs"]:
                 label = f"lr={lr:g}" + ("" if opts["warmups"] is None else f",warmup={warm}")
                 settings[label] = {"lr": lr, "warmup_steps": warm, "log_every": 1}
