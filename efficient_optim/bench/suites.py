@@ -171,7 +171,8 @@ class P1Baselines(Suite):
                              "this suite attaches no state probes: `effopt characterize` measures it against an fp32 "
                              "shadow (docs/characterization.md)"))  # fmt: skip
         out_v.append(Verdict("learning-rate sensitivity", "-", "n/a", NOT_MEASURABLE,
-                             "run `effopt suite p1 --lr-sweep` (3 learning rates per optimizer)")
+                             "run `effopt suite lr-sweep` (a log-spaced lr grid per optimizer; docs/lr_sweep.md) or "
+                             "`effopt suite p1 --lr-sweep` (0.3x and 3x the lr, 1 seed)")
                      if not any(g.settings.startswith("lr=") for g in groups) else _lr_sensitivity(groups))  # fmt: skip
         return out_v
 
