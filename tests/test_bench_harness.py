@@ -17,14 +17,6 @@ SUMMARY_FIELDS = ("optimizer", "seed", "steps", "final_train_loss", "final_val_l
                   "num_params", "peak_memory_bytes", "step_time_ms", "tokens_per_s", "diverged")  # fmt: skip
 
 
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("EFFOPT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}.\n" for i in range(600)))
-    return path
-
-
 def tiny(corpus, **kw) -> RunConfig:
     base = dict(data=str(corpus), layers=1, width=32, heads=2, context=16, batch_size=4, steps=12, log_every=2,
                 eval_every=6, eval_batches=2, checkpoint_every=4, device="cpu")  # fmt: skip

@@ -9,15 +9,6 @@ from efficient_optim.bench.options import UsageError
 from efficient_optim.bench.suite_lr_sweep import lr_grid
 from efficient_optim.cli import main
 
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("EFFOPT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}.\n" for i in range(600)))
-    return path
-
-
 TINY = ["--layers", "1", "--width", "32", "--heads", "2", "--context", "16", "--batch", "4", "--eval-batches", "2",
         "--device", "cpu", "--no-progress"]  # fmt: skip
 
