@@ -35,7 +35,7 @@ class DenseAdamWBatch:
 
     ``add(param, grad, exp_avg, exp_avg_sq, step)`` queues one parameter (``step``: its step-count tensor,
     already incremented); ``run(group)`` applies the group's ``lr``, ``betas``, ``eps`` and
-    ``weight_decay`` to everything queued.
+    ``weight_decay`` to everything queued. One batch serves one group's step.
     """
 
     def __init__(self):
@@ -70,4 +70,3 @@ class DenseAdamWBatch:
         with torch.no_grad():
             for original, copy in self._write_back:
                 original.copy_(copy)
-        self.__init__()
