@@ -15,21 +15,6 @@ from __future__ import annotations
 import torch
 
 
-def working_dtype(param: torch.Tensor) -> torch.dtype:
-    """The dtype a rule computes in for ``param``: float64 for float64 parameters, float32 otherwise
-    (bf16/fp16 parameters are computed in fp32)."""
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
-
-
-def working_views(param: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The parameter and gradient in ``working_dtype(param)``: the tensors themselves when they already are
-    (updates land in place); otherwise copies, and the caller writes the parameter back with ``copy_``."""
-    dtype = working_dtype(param)
-    p = param if param.dtype == dtype else param.to(dtype)
-    g = grad if grad.dtype == dtype else grad.to(dtype)
-    return p, g
-
-
 class DenseAdamWBatch:
     """Collects fp32 parameters with dense fp32 moments, then steps them in one ``torch._fused_adamw_`` call.
 

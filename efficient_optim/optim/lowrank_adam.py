@@ -56,7 +56,8 @@ from ..state.lowrank import (
 from ..state.sharded import is_dtensor
 from .adamw_rule import adamw_update_
 from .base import NONFINITE_POLICIES, CodecOptimizer, check_lr
-from .dense_adamw import DenseAdamWBatch, working_views
+from .dense_adamw import DenseAdamWBatch
+from .rule_loop import working_views
 from .validation import check_betas, check_choice, check_int, check_nonneg, check_positive
 
 UPDATE_STRATEGIES = ("online", "randomized", "periodic", "factor_ema")

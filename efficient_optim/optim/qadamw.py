@@ -16,7 +16,8 @@ from ..state.compose import learned_moment_codec, with_correction
 from ..state.corrected import RESIDUALS
 from .adamw_rule import adamw_update_
 from .base import NONFINITE_POLICIES, CodecOptimizer, check_lr
-from .dense_adamw import DenseAdamWBatch, working_views
+from .dense_adamw import DenseAdamWBatch
+from .rule_loop import working_views
 from .validation import check_betas, check_choice, check_int, check_nonneg, check_positive
 
 # Defaults per moment and width, chosen from the measurements in BENCHMARKS.md: at 4 bits, a square-law

@@ -8,7 +8,6 @@ import torch
 
 from ..policy.static import global_numel, moment_codec
 from ..quant.rounding import mix_salt
-from .dense_adamw import working_views
 
 
 def state_codec(group: dict, prefix: str, param: torch.Tensor | None, *, signed: bool, default_map: str = "dynamic"):
@@ -24,10 +23,25 @@ def state_codec(group: dict, prefix: str, param: torch.Tensor | None, *, signed:
     return moment_codec(resolved, prefix, torch.empty(0) if param is None else param, signed=signed)
 
 
+def working_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype a rule computes in for ``param``: float64 for float64 parameters, float32 otherwise
+    (bf16/fp16 parameters are computed in fp32)."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def working_views(param: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parameter and gradient in ``working_dtype(param)``: the tensors themselves when they already are
+    (updates land in place); otherwise copies, and the caller writes the parameter back with ``copy_``."""
+    dtype = working_dtype(param)
+    p = param if param.dtype == dtype else param.to(dtype)
+    g = grad if grad.dtype == dtype else grad.to(dtype)
+    return p, g
+
+
 def begin_param_step(opt, group: dict, index: int, p: torch.Tensor, g: torch.Tensor):
     """One parameter's step begins: its codecs, its (initialized or checked) state with the step counter
     advanced, the step number, and working views of the parameter and gradient (fp32, or fp64 for a float64
-    parameter: ``dense_adamw.working_views``; the tensors themselves when already in that dtype, otherwise
+    parameter: ``working_views``; the tensors themselves when already in that dtype, otherwise
     write ``p32`` back with ``p.copy_``)."""
     codecs = opt.codecs(p, group)
     state = opt._init_or_check_state(p, group, codecs, index)
