@@ -7,6 +7,18 @@ describes lives in the optimizer's per-parameter state dict under keys derived f
 
 A step does ``x = codec.decode(state, name, param)`` (a float32 working view shaped like the parameter),
 updates ``x``, then ``codec.encode(state, name, x, salt=...)`` writes it back.
+
+A codec also describes itself, so the rest of the library needs no list of codec types (each has a default
+here: a new codec implements the four storage methods above and nothing else):
+
+- ``error_kind`` / ``error_kind_for(param)``: what kind of error storing a state makes (``ERROR_KINDS``),
+  for the error decomposition (``analysis.decomposition``) and reports;
+- ``describe(param)``: a short name for reports (``"4bit"``, ``"factored"``, ``"lowrank(r=8)"``, ...);
+- ``for_dtensor(param)``: how the state is laid out on a DTensor (FSDP2) shard (``state.sharded``);
+  default: the whole state on every rank (``sharded.Replicated``), or the local shard's state alone for
+  codecs that say ``is_elementwise``;
+- ``scale_block_size``, ``residual_value(...)``, ``codebook(...)``: what the probes (``analysis.probe``)
+  report beside the decoded state (``None`` when a codec has no such thing).
 """
 
 from __future__ import annotations
@@ -14,6 +26,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+
+ERROR_KINDS = ("none", "quantization", "factorization", "lowrank")
+"""What storing a state can lose: nothing, per-element precision (rounding to fewer bits: bf16, 8/4-bit
+codes), everything but row/column statistics (factored), everything outside a rank-r subspace (low rank)."""
 
 
 class StateCodec(ABC):
@@ -56,3 +72,61 @@ class StateCodec(ABC):
     @property
     def is_dense_fp32(self) -> bool:
         return False
+
+    # ----------------------------------------------------------------------------- self-description
+    @property
+    def error_kind(self) -> str:
+        """What kind of error this codec makes, one of ``ERROR_KINDS``.
+
+        Default: ``"none"`` for an exact fp32 state (``is_dense_fp32``), else ``"quantization"`` (a state
+        stored element by element in fewer bits). Codecs that keep a factorization or a low-rank
+        approximation say ``"factorization"`` / ``"lowrank"``; wrappers say what the codec they wrap says.
+        """
+        return "none" if self.is_dense_fp32 else "quantization"
+
+    def error_kind_for(self, param: torch.Tensor) -> str:
+        """``error_kind`` of the state of ``param`` (its global shape): ``"none"`` where the codec keeps
+        that parameter's state exactly (e.g. a low-rank codec on a vector). Default: ``error_kind``."""
+        return self.error_kind
+
+    def describe(self, param: torch.Tensor | None = None) -> str:
+        """A short name for reports (``"fp32"``, ``"4bit"``, ``"factored"``, ``"lowrank(r=8)"``, ...).
+
+        ``param`` (default None): describe what the state of this parameter really is (``"fp32"`` where
+        the codec keeps it dense). Default: the class name.
+        """
+        return type(self).__name__
+
+    @property
+    def is_elementwise(self) -> bool:
+        """Whether the state of a contiguous range of elements is stored from those elements alone
+        (element-wise, or block-wise with blocks restarting at the range's start), so a DTensor shard's
+        state can be kept for the shard only. Default False."""
+        return False
+
+    def for_dtensor(self, param) -> StateCodec:
+        """The codec that stores this state for DTensor (FSDP2) parameter ``param`` (see ``state.sharded``).
+
+        Default: the local shard's state alone when ``is_elementwise``, else the whole state on every rank
+        (correct, but neither memory nor traffic is sharded; a one-time warning says so). Codecs with a
+        sharded layout of their own override this.
+        """
+        from .sharded import Replicated, ShardLocal
+
+        return ShardLocal(self) if self.is_elementwise else Replicated(self)
+
+    @property
+    def scale_block_size(self) -> int | None:
+        """Elements that share one stored scale (block-wise quantization); None (default) when there are
+        none. The probes measure the error per block of this size."""
+        return None
+
+    def residual_value(self, state: dict, name: str, param: torch.Tensor) -> torch.Tensor | None:
+        """The error this codec tracks for state ``name`` (error feedback's residual), float32 shaped like
+        ``param``; None (default) when it tracks none."""
+        return None
+
+    def codebook(self, state: dict, name: str) -> torch.Tensor | None:
+        """The quantization levels state ``name`` uses now when they are part of the state (a learned
+        codebook; a copy); None (default) otherwise."""
+        return None

@@ -1,14 +1,12 @@
 """Error-corrected low-bit states (protocol P5): track what quantization lost, put it back every K steps.
 
 ``ErrorCorrected(inner, residual="8bit", correct_every=K, decay=beta)`` is ``state.error_feedback.
-ErrorFeedback`` — the recursion is that codec's, reused as is — with P5's additions:
-
-- a more compact residual kind, ``"4bit"`` (~0.52 extra bytes per element: block 64, dynamic map, bf16
-  scales, *stochastic* rounding so the small per-step increments of the residual accumulate in
-  expectation instead of being flushed to zero by round-to-nearest), beside ErrorFeedback's ``"8bit"``
-  (~1.01 B), ``"bfloat16"`` (2 B) and ``"float32"`` (4 B);
-- ``residual_value(state, name, param)``: the tracked error, for the probes (``analysis.StateProbe``
-  reports how closely it follows the true error of the stored state).
+ErrorFeedback`` — the recursion is that codec's, reused as is, and so is ``residual_value(state, name,
+param)``, the tracked error that the probes compare with the true error of the stored state — with P5's
+more compact residual kind, ``"4bit"`` (~0.52 extra bytes per element: block 64, dynamic map, bf16 scales,
+*stochastic* rounding so the small per-step increments of the residual accumulate in expectation instead
+of being flushed to zero by round-to-nearest), beside ErrorFeedback's ``"8bit"`` (~1.01 B), ``"bfloat16"``
+(2 B) and ``"float32"`` (4 B).
 
 What the residual is. For an EMA state the rule computes ``x_t = beta q_{t-1} + (1 - beta) g_t`` from the
 decoded previous state, while the exact state is ``m_t = beta m_{t-1} + (1 - beta) g_t``, so the stored
@@ -51,7 +49,7 @@ def residual_codec(kind) -> StateCodec:
 
 @dataclass(frozen=True)
 class ErrorCorrected(ErrorFeedback):
-    """``ErrorFeedback`` with P5's compact 4-bit residual and a public view of the residual.
+    """``ErrorFeedback`` with P5's compact 4-bit residual.
 
     Args:
         inner: the codec that stores the state (e.g. ``Quantized(4)``, ``LearnedQuantized(4)``).
@@ -80,14 +78,6 @@ class ErrorCorrected(ErrorFeedback):
 
     def __hash__(self):
         return hash((self.inner, str(self.residual), self.correct_every, self.decay))
-
-    @property
-    def block_size(self) -> int | None:
-        return getattr(self.inner, "block_size", None)
-
-    def residual_value(self, state: dict, name: str, param: torch.Tensor) -> torch.Tensor:
-        """The tracked accumulated error ``e`` of state ``name`` (float32, shaped like ``param``)."""
-        return self._res.decode(state, self.residual_name(name), param).to(torch.float32)
 
     @property
     def is_dense_fp32(self) -> bool:

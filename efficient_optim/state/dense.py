@@ -50,6 +50,25 @@ class Dense(StateCodec):
     def is_dense_fp32(self) -> bool:
         return self.dtype == torch.float32
 
+    @property
+    def error_kind(self) -> str:
+        """``"none"`` at fp32/fp64 (the parameter's full precision), ``"quantization"`` at bf16/fp16."""
+        return "none" if self.dtype in (torch.float32, torch.float64) else "quantization"
+
+    def describe(self, param=None) -> str:
+        """``"fp32"``, ``"bf16"``, ``"float16"`` or ``"float64"``."""
+        return str(self.dtype).replace("torch.", "").replace("float32", "fp32").replace("bfloat16", "bf16")
+
+    @property
+    def is_elementwise(self) -> bool:
+        return True
+
+    def for_dtensor(self, param):
+        """A DTensor state with the parameter's placements (``sharded.ShardedDense``)."""
+        from .sharded import ShardedDense
+
+        return ShardedDense(self)
+
     def init(self, state, name, param):
         state[name] = torch.zeros_like(param, dtype=self.dtype, memory_format=torch.preserve_format)
 

@@ -126,3 +126,30 @@ class ErrorFeedback(StateCodec):
 
     def shared_tensors(self):
         return {**self.inner.shared_tensors(), **self._res.shared_tensors()}
+
+    # ------------------------------------------------- self-description: that of the codec it wraps
+    @property
+    def error_kind(self) -> str:
+        return self.inner.error_kind
+
+    def error_kind_for(self, param) -> str:
+        return self.inner.error_kind_for(param)
+
+    def describe(self, param=None) -> str:
+        """The wrapped codec's name with this wrapper's, e.g. ``"4bit (ErrorFeedback)"``."""
+        return f"{self.inner.describe(param)} ({type(self).__name__})"
+
+    @property
+    def is_elementwise(self) -> bool:
+        return self.inner.is_elementwise  # the residual (dense or 8-bit) is element-wise itself
+
+    @property
+    def scale_block_size(self) -> int | None:
+        return self.inner.scale_block_size
+
+    def residual_value(self, state, name, param):
+        """The tracked error ``e`` of state ``name`` (float32, shaped like ``param``)."""
+        return self._res.decode(state, self.residual_name(name), param).to(torch.float32)
+
+    def codebook(self, state, name):
+        return self.inner.codebook(state, name)

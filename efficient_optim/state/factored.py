@@ -63,6 +63,29 @@ class Factored(StateCodec):
     def factors(param: torch.Tensor) -> bool:
         return param.dim() >= 2
 
+    @property
+    def error_kind(self) -> str:
+        return "factorization"
+
+    def error_kind_for(self, param) -> str:
+        """``"factorization"`` for >= 2-D parameters, ``"none"`` below (a dense fp32 state)."""
+        return "factorization" if self.factors(param) else "none"
+
+    def describe(self, param=None) -> str:
+        """``"factored"`` (``"fp32"`` for a parameter below 2-D, whose state is dense)."""
+        return "fp32" if param is not None and not self.factors(param) else "factored"
+
+    def for_dtensor(self, param):
+        """Row/column statistics as DTensors (``sharded.ShardedFactored``): sharded along the parameter's
+        sharded dims, replicated across them; the whole state on every rank for other placements."""
+        from .sharded import ShardedFactored, reduced_placements
+
+        rows = reduced_placements(param, -1)
+        cols = reduced_placements(param, -2) if param.dim() >= 2 else None
+        if not self.factors(param) or (rows is not None and cols is not None):
+            return ShardedFactored(self, rows, cols)
+        return super().for_dtensor(param)
+
     @staticmethod
     def project_(value: torch.Tensor, eps: float = TINY) -> torch.Tensor:
         """Replace a dense value by what this codec stores of it (its rank-1 reconstruction), in place.

@@ -110,6 +110,18 @@ class LearnedQuantized(StateCodec):
     def torch_scale_dtype(self) -> torch.dtype:
         return SCALE_DTYPES[self.scale_dtype]
 
+    def describe(self, param=None) -> str:
+        """``"4bit-learned"`` or ``"8bit-learned"``."""
+        return f"{self.bits}bit-learned"
+
+    @property
+    def scale_block_size(self) -> int:
+        return self.block_size
+
+    def codebook(self, state, name):
+        """The current levels of state ``name`` (a copy), as ``levels``."""
+        return self.levels(state, name)
+
     def expected(self, name, param):
         n = param.numel()
         return {

@@ -274,6 +274,27 @@ class LowRank(StateCodec):
             return False
         return self.rank <= self.max_rank_fraction * min(shape)
 
+    @property
+    def error_kind(self) -> str:
+        return "lowrank"
+
+    def error_kind_for(self, param) -> str:
+        """``"lowrank"`` where ``param``'s state is stored as factors, ``"none"`` where it is dense fp32."""
+        return "lowrank" if self.is_lowrank(param) else "none"
+
+    def describe(self, param=None) -> str:
+        """``"lowrank(r=<rank>)"`` (``"fp32"`` for a parameter whose state is dense)."""
+        return "fp32" if param is not None and not self.is_lowrank(param) else f"lowrank(r={self.rank})"
+
+    def for_dtensor(self, param):
+        """For dim-0 (FSDP2 row) shards: the factor whose rows are the parameter's rows sharded like them, the
+        other replicated (``sharded.ShardedLowRank``); the whole state on every rank for other placements."""
+        from .sharded import ShardedLowRank, shards_rows_only
+
+        if shards_rows_only(param):
+            return ShardedLowRank(self)
+        return super().for_dtensor(param)
+
     @staticmethod
     def oriented_shape(param: torch.Tensor) -> tuple[int, int, bool]:
         """``(short, long, transposed)`` of the parameter's matrix view."""

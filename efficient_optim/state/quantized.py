@@ -83,6 +83,20 @@ class Quantized(StateCodec):
     def torch_scale_dtype(self) -> torch.dtype:
         return SCALE_DTYPES[self.scale_dtype]
 
+    def describe(self, param=None) -> str:
+        """``"8bit"`` or ``"4bit"``."""
+        return f"{self.bits}bit"
+
+    @property
+    def is_elementwise(self) -> bool:
+        """True: on a DTensor shard the codes and scales are those of the local shard (``sharded.ShardLocal``),
+        blocks starting at the shard's first element."""
+        return True
+
+    @property
+    def scale_block_size(self) -> int:
+        return self.block_size
+
     def expected(self, name, param):
         n = param.numel()
         return {

@@ -10,8 +10,10 @@ of their own:
   Python number must take ``.full_tensor()`` first when it is a DTensor: ``float()`` of a partial
   reduction returns this rank's part only.)
 - Eligibility for compression is decided on the global shape: ``DTensor.numel()`` and ``.shape`` are the
-  global ones, which ``policy.static.global_numel`` and every codec read.
-- Each codec's *storage* follows the sharding as ``for_dtensor`` decides, per codec type:
+  global ones, which ``policy.specs.global_numel`` and every codec read.
+- Each codec's *storage* follows the sharding as the codec's own ``for_dtensor(param)`` says (default,
+  ``StateCodec.for_dtensor``: the local shard's state for an ``is_elementwise`` codec, else the whole state
+  on every rank):
 
   ============================  ===========================================  =========================
   codec                         storage on each rank                         communication per encode
@@ -24,7 +26,7 @@ of their own:
                                 along sharded dims, replicated across them   (+1 to decode) per matrix
   ``LowRank`` (dim-0 shards)    ``U`` row-sharded, ``V`` and meta replicated all-reduce of n*r floats;
                                                                              a refresh all-gathers X
-  anything else                 kept whole on every rank (warns once)        all-gather of the value
+  anything else (the default)   kept whole on every rank (warns once)        all-gather of the value
   ============================  ===========================================  =========================
 
   Stochastic rounding of a shard draws the random numbers of each element's *global* position (the
@@ -52,6 +54,7 @@ from ..quant.rounding import mix_salt
 from .codec import StateCodec
 from .dense import Dense, round_to_bf16_stochastic
 from .factored import TINY, Factored
+from .lowrank import LowRank
 
 try:  # torch.distributed may be compiled out
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -143,7 +146,8 @@ def _contiguous_stride(shape) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------------------ adapters
 class ShardAdapter(StateCodec):
-    """A codec adapted to the sharding of a DTensor parameter; ``inner`` is the codec it stands for."""
+    """A codec adapted to the sharding of a DTensor parameter; ``inner`` is the codec it stands for (and
+    describes itself as)."""
 
     def __init__(self, inner: StateCodec):
         self.inner = inner
@@ -160,6 +164,30 @@ class ShardAdapter(StateCodec):
     @property
     def is_dense_fp32(self) -> bool:
         return self.inner.is_dense_fp32
+
+    def for_dtensor(self, param) -> StateCodec:
+        return self  # already adapted
+
+    @property
+    def error_kind(self) -> str:
+        return self.inner.error_kind
+
+    def error_kind_for(self, param) -> str:
+        return self.inner.error_kind_for(param)
+
+    def describe(self, param=None) -> str:
+        return self.inner.describe(param)
+
+    @property
+    def is_elementwise(self) -> bool:
+        return self.inner.is_elementwise
+
+    @property
+    def scale_block_size(self) -> int | None:
+        return self.inner.scale_block_size
+
+    def codebook(self, state, name):
+        return self.inner.codebook(state, name)
 
 
 class ShardLocal(ShardAdapter):
@@ -178,6 +206,10 @@ class ShardLocal(ShardAdapter):
     def decode(self, state, name, param):
         x = self.inner.decode(state, name, local(param))
         return as_dtensor(x, param) if is_dtensor(param) else x
+
+    def residual_value(self, state, name, param):
+        e = self.inner.residual_value(state, name, local(param))
+        return as_dtensor(e, param) if e is not None and is_dtensor(param) else e
 
     def encode(self, state, name, value, *, salt=0, **kw):
         if is_dtensor(value):
@@ -208,7 +240,7 @@ class ShardedDense(ShardAdapter):
             t.copy_(value)
 
 
-def _reduced_placements(param, dropped: int) -> list | None:
+def reduced_placements(param, dropped: int) -> list | None:
     """Placements of a statistic of ``param`` that averages over dim ``dropped`` (negative index).
 
     A shard along a kept dim stays a shard (renumbered); one along the dropped dim becomes a replica
@@ -228,6 +260,12 @@ def _reduced_placements(param, dropped: int) -> list | None:
     return out
 
 
+def shards_rows_only(param) -> bool:
+    """Whether DTensor ``param`` is replicated or sharded along dim 0 only on every mesh dim (FSDP2's layout)."""
+    return all(type(pl) is Replicate or (type(pl) is Shard and pl.dim % max(param.dim(), 1) == 0)
+               for pl in param.placements)  # fmt: skip
+
+
 class ShardedFactored(ShardAdapter):
     """Row/column statistics of a sharded matrix kept as DTensors, so they are those of the global matrix.
 
@@ -238,6 +276,8 @@ class ShardedFactored(ShardAdapter):
     """
 
     def __init__(self, inner: Factored, row_placements, col_placements):
+        if not isinstance(inner, Factored):
+            raise ValueError(f"ShardedFactored lays out a Factored codec, got {inner!r}")
         super().__init__(inner)
         self.row_placements, self.col_placements = row_placements, col_placements
 
@@ -284,6 +324,11 @@ class ShardedLowRank(ShardAdapter):
     all-gathers P and the sharded factor, runs the codec's own encode on them (identically on every rank:
     same numbers, same seeded test matrices) and keeps this rank's rows — what one process computes.
     """
+
+    def __init__(self, inner: LowRank):
+        if not isinstance(inner, LowRank):
+            raise ValueError(f"ShardedLowRank lays out a LowRank codec, got {inner!r}")
+        super().__init__(inner)
 
     def _sharded_key(self, name, param) -> str:
         return f"{name}.v" if self.inner.oriented_shape(param)[2] else f"{name}.u"
@@ -370,6 +415,13 @@ class Replicated(ShardAdapter):
         full = self.inner.decode(state, name, _shape_carrier(param.shape, local(param)))
         return distribute_tensor(full.contiguous(), param.device_mesh, param.placements, src_data_rank=None)
 
+    def residual_value(self, state, name, param):
+        from torch.distributed.tensor import distribute_tensor
+
+        e = self.inner.residual_value(state, name, _shape_carrier(param.shape, local(param)))
+        return None if e is None else distribute_tensor(e.contiguous(), param.device_mesh, param.placements,
+                                                          src_data_rank=None)  # fmt: skip
+
     def encode(self, state, name, value, *, salt=0, **kw):
         if is_dtensor(value):
             value = value.full_tensor()
@@ -377,53 +429,10 @@ class Replicated(ShardAdapter):
 
 
 # --------------------------------------------------------------------------------------- dispatch
-_ADAPTERS: list = []
-
-
-def register_shard_adapter(codec_type: type, adapter) -> None:
-    """Say how ``codec_type`` is laid out on a DTensor parameter: ``adapter(codec, param) -> StateCodec``
-    (or None to fall through to the next rule). Later registrations take precedence."""
-    _ADAPTERS.insert(0, (codec_type, adapter))
-
-
-def is_elementwise(codec: StateCodec) -> bool:
-    """Whether each element of the state depends only on the same element of the values encoded."""
-    from .quantized import Quantized
-
-    if isinstance(codec, (Dense, Quantized)):
-        return True
-    try:
-        from .error_feedback import ErrorFeedback
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(codec, ErrorFeedback) and is_elementwise(codec.inner)
-
-
-def for_dtensor(codec: StateCodec, param) -> StateCodec:
-    """``codec`` adapted to DTensor ``param`` (see the module docstring); adapters are returned as they are."""
-    if isinstance(codec, ShardAdapter):
-        return codec
-    for codec_type, adapter in _ADAPTERS:
-        if isinstance(codec, codec_type):
-            out = adapter(codec, param)
-            if out is not None:
-                return out
-    if isinstance(codec, Dense):
-        return ShardedDense(codec)
-    if is_elementwise(codec):
-        return ShardLocal(codec)
-    if isinstance(codec, Factored):
-        rows, cols = _reduced_placements(param, -1), _reduced_placements(param, -2) if param.dim() >= 2 else None
-        if not codec.factors(param) or (rows is not None and cols is not None):
-            return ShardedFactored(codec, rows, cols)
-    try:
-        from .lowrank import LowRank
-    except ImportError:  # pragma: no cover
-        LowRank = ()
-    if isinstance(codec, LowRank) and all(type(pl) is Replicate or (type(pl) is Shard and pl.dim % max(param.dim(), 1) == 0)
-                                          for pl in param.placements):  # fmt: skip
-        return ShardedLowRank(codec)
-    return Replicated(codec)
+def _stored_per_shard(codec: StateCodec) -> bool:
+    """Whether ``codec`` (of a plain parameter) would keep the state of a DTensor parameter as this rank's
+    shard's alone (``ShardLocal``): element-wise codecs other than ``Dense`` (a DTensor state of its own)."""
+    return codec.is_elementwise and not isinstance(codec, Dense)
 
 
 def dtensor_codecs(fn):
@@ -436,7 +445,7 @@ def dtensor_codecs(fn):
         out = fn(self, param, group)
         if not is_dtensor(param):
             return out
-        return {name: for_dtensor(codec, param) for name, codec in out.items()}
+        return {name: codec.for_dtensor(param) for name, codec in out.items()}
 
     codecs._dtensor_aware = True
     return codecs
@@ -494,9 +503,7 @@ def _local_keys(opt, dtensor_only: bool = True):
         for p in group["params"]:
             if is_dtensor(p) or not dtensor_only:
                 for name, codec in opt.codecs(p, group).items():
-                    if isinstance(codec, ShardLocal) or (
-                        not is_dtensor(p) and is_elementwise(codec) and not isinstance(codec, Dense)
-                    ):
+                    if isinstance(codec, ShardLocal) or (not is_dtensor(p) and _stored_per_shard(codec)):
                         for key in codec.expected(name, p):
                             yield index, p, codec, name, key
             index += 1
