@@ -7,8 +7,8 @@
 
 The probe observes from outside, through public surfaces only: ``Optimizer.register_step_pre_hook`` /
 ``register_step_post_hook``, the optimizer's ``state`` and ``param_groups``, and for this library's
-optimizers ``codecs(param, group)`` with each codec's ``decode`` (plus ``residual_value`` / ``levels``
-where a codec has them). Off means detached: no hook is registered, the optimizer runs exactly the code
+optimizers ``codecs(param, group)`` with each codec's ``decode`` and what the codec says of itself
+(``scale_block_size``, ``residual_value``, ``codebook``: see ``state.codec.StateCodec``). Off means detached: no hook is registered, the optimizer runs exactly the code
 it runs without a probe and allocates nothing more (tested by counting tensor operations per step).
 Attached, steps that are not probe steps cost two Python calls, plus the shadow update when it is on.
 
@@ -42,19 +42,18 @@ backward) bypasses ``step()`` and its hooks: probe such runs without release.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import torch
 
+from ..state.codec import StateCodec
+from .probe_records import JsonLinesLog, error_growth, error_series, read_probes  # noqa: F401 (re-exported)
 from .stats import (
     HIST_EDGES,
     effective_rank,
     error_stats,
-    growth_exponent,
     log_histogram,
     lowrank_errors,
     overlap,
@@ -82,15 +81,16 @@ def optimizer_step_count(opt: torch.optim.Optimizer) -> int:
     return 0
 
 
-def state_codecs(opt: torch.optim.Optimizer, p: torch.Tensor, group: dict) -> dict:
+def state_codecs(opt: torch.optim.Optimizer, p: torch.Tensor, group: dict) -> dict[str, StateCodec]:
     """State name -> codec for optimizers of this library (``{}`` for others)."""
     fn = getattr(opt, "codecs", None)
     if not callable(fn):
         return {}
     try:
-        return dict(fn(p, group))
+        out = dict(fn(p, group))
     except Exception:  # an optimizer whose codecs() needs more than (param, group)
         return {}
+    return {name: c for name, c in out.items() if isinstance(c, StateCodec)}
 
 
 def decoded_states(opt: torch.optim.Optimizer, p: torch.Tensor, group: dict, codecs: dict | None = None) -> dict:
@@ -114,34 +114,6 @@ def decoded_states(opt: torch.optim.Optimizer, p: torch.Tensor, group: dict, cod
         if isinstance(t, torch.Tensor) and t.is_floating_point() and tuple(t.shape) == tuple(p.shape) and t.numel() > 1:
             out[name] = t.to(torch.float32)
     return out
-
-
-class _JsonLines:
-    def __init__(self, path: Path | None):
-        self.path = Path(path) if path is not None else None
-
-    def truncate_after(self, step: int) -> None:
-        if self.path is None or not self.path.is_file():
-            return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
-
-    def write(self, records: list[dict]) -> None:
-        if self.path is None or not records:
-            return
-        with self.path.open("a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-
-
-def read_probes(path) -> list[dict]:
-    """The records of a ``probes.jsonl`` file."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
 class StateProbe:
@@ -216,7 +188,7 @@ class StateProbe:
                 if p.numel() < min_numel or (include is not None and not any(s in name for s in include)):
                     continue
                 self.params.append((name, p, group))
-        self.log = _JsonLines(path)
+        self.log = JsonLinesLog(path)
         self.every, self.early, self.hist_every = every, early, hist_every
         self.shadow_on = shadow
         self.shadow_rules = dict(ADAM_SHADOW if shadow_rules is None else shadow_rules)
@@ -389,34 +361,7 @@ class StateProbe:
                                                         self._shadow.get((i, "exp_avg_sq")), group, step))  # fmt: skip
             records.append(layer)
             for sname, x in states.items():
-                rec = {"kind": "state", "step": step, "param": name, "state": sname}
-                rec.update(tensor_stats(x, self.outlier_sigma))
-                if hist:
-                    rec["hist"], rec["hist_zeros"] = log_histogram(x)
-                top = top_positions(x, self.outlier_top)
-                prev = self._top.get((i, sname))
-                rec["top_persistence"] = overlap(top, prev) if prev is not None else None
-                self._top[(i, sname)] = top
-                codec = codecs.get(sname)
-                shadow = self._shadow.get((i, sname)) if self._shadow is not None else None
-                if shadow is not None:
-                    rec.update(error_stats(x, shadow, getattr(codec, "block_size", None) or 256))
-                    rec["shadow_rms"] = float(shadow.norm()) / math.sqrt(max(1, shadow.numel()))
-                if codec is not None and hasattr(codec, "residual_value"):
-                    e = codec.residual_value(self.optimizer.state[p], sname, p)
-                    rec["residual_norm"] = float(e.norm())
-                    if shadow is not None:
-                        d = shadow - x
-                        dn = float(d.norm())
-                        rec["residual_tracking_err"] = float((e - d).norm()) / dn if dn > 0 else None
-                inner = getattr(codec, "inner", codec)
-                if inner is not None and hasattr(inner, "levels") and callable(inner.levels):
-                    rec["levels"] = [round(v, 7) for v in inner.levels(self.optimizer.state[p], sname).tolist()]
-                if lowrank and x.dim() >= 2:
-                    sv = singular_values(x)
-                    rec["effective_rank"] = effective_rank(x, sv)
-                    rec["lowrank_err"] = {str(k): v for k, v in lowrank_errors(x, self.lowrank_ranks, sv).items()}
-                records.append(rec)
+                records.append(self._state_record(i, sname, x, codecs.get(sname), hist, lowrank))
         step_rec = {"kind": "step", "step": step}
         if self._grad_norms is not None:
             step_rec["grad_norm"] = math.sqrt(gsq)
@@ -433,11 +378,52 @@ class StateProbe:
             records.append({"kind": "lowrank_stats", "step": step, "stats": _jsonable(stats)})
         self._emit(records)
 
+    def _state_record(self, i: int, sname: str, x: torch.Tensor, codec: StateCodec | None, hist: bool,
+                      lowrank: bool) -> dict:  # fmt: skip
+        """The ``state`` record of state ``sname`` (decoded value ``x``, stored by ``codec``) of parameter ``i``."""
+        name, p, _ = self.params[i]
+        rec = {"kind": "state", "step": self.step, "param": name, "state": sname}
+        rec.update(tensor_stats(x, self.outlier_sigma))
+        if hist:
+            rec["hist"], rec["hist_zeros"] = log_histogram(x)
+        top = top_positions(x, self.outlier_top)
+        prev = self._top.get((i, sname))
+        rec["top_persistence"] = overlap(top, prev) if prev is not None else None
+        self._top[(i, sname)] = top
+        shadow = self._shadow.get((i, sname)) if self._shadow is not None else None
+        if shadow is not None:
+            block = codec.scale_block_size if codec is not None else None
+            rec.update(error_stats(x, shadow, block or 256))
+            rec["shadow_rms"] = float(shadow.norm()) / math.sqrt(max(1, shadow.numel()))
+        if codec is not None:
+            rec.update(_codec_records(codec, self.optimizer.state[p], sname, p, x, shadow))
+        if lowrank and x.dim() >= 2:
+            sv = singular_values(x)
+            rec["effective_rank"] = effective_rank(x, sv)
+            rec["lowrank_err"] = {str(k): v for k, v in lowrank_errors(x, self.lowrank_ranks, sv).items()}
+        return rec
+
     # ------------------------------------------------------------------------------------- summaries
     def error_growth(self, min_step: int = 1) -> dict:
         """Per state name: the growth exponent of the total error ``sqrt(sum over parameters of err_l2^2)``
         and of the mean relative error over steps (see ``analysis.stats.growth_exponent``)."""
         return error_growth(self.records, min_step)
+
+
+def _codec_records(codec: StateCodec, state: dict, name: str, p, stored, shadow) -> dict:
+    """What ``codec`` tracks of state ``name`` beyond its value: the norm of its residual (and, against the
+    exact ``shadow``, how closely the residual follows the stored state's true error) and its codebook."""
+    rec: dict = {}
+    e = codec.residual_value(state, name, p)
+    if e is not None:
+        rec["residual_norm"] = float(e.norm())
+        if shadow is not None:
+            dn = float((shadow - stored).norm())
+            rec["residual_tracking_err"] = float((e - (shadow - stored)).norm()) / dn if dn > 0 else None
+    levels = codec.codebook(state, name)
+    if levels is not None:
+        rec["levels"] = [round(v, 7) for v in levels.tolist()]
+    return rec
 
 
 def _adam_direction_errors(m_q, v_q, m_s, v_s, group: dict, step: int) -> dict:
@@ -471,30 +457,3 @@ def _jsonable(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
-
-
-def error_series(records: list[dict], state: str, param_filter: Callable[[str], bool] | None = None) -> dict:
-    """Per step: total error norm (sqrt of summed err_l2^2) and mean relative error of one state."""
-    by_step: dict[int, list[dict]] = {}
-    for r in records:
-        if r.get("kind") == "state" and r.get("state") == state and "err_l2" in r:
-            if param_filter is None or param_filter(r["param"]):
-                by_step.setdefault(r["step"], []).append(r)
-    steps = sorted(by_step)
-    total = [math.sqrt(sum(x["err_l2"] ** 2 for x in by_step[s])) for s in steps]
-    rel = []
-    for s in steps:
-        vals = [x["err_rel_l2"] for x in by_step[s] if x.get("err_rel_l2") is not None]
-        rel.append(sum(vals) / len(vals) if vals else None)
-    return {"steps": steps, "err_l2": total, "err_rel_l2": rel}
-
-
-def error_growth(records: list[dict], min_step: int = 1) -> dict:
-    """``{state: {"abs": fit, "rel": fit}}`` of the error series in ``records`` (fits may be None)."""
-    states = sorted({r["state"] for r in records if r.get("kind") == "state" and "err_l2" in r})
-    out = {}
-    for s in states:
-        ser = error_series(records, s)
-        out[s] = {"abs": growth_exponent(ser["steps"], ser["err_l2"], min_step),
-                  "rel": growth_exponent(ser["steps"], ser["err_rel_l2"], min_step)}  # fmt: skip
-    return out
