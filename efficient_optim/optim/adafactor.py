@@ -11,12 +11,13 @@ import math
 
 import torch
 
+from ..policy.specs import BITS_NAME
 from ..quant.rounding import ROUNDING_MODES, mix_salt
 from ..state.factored import Factored
 from ..state.sharded import resolve_partial
 from .base import NONFINITE_POLICIES, CodecOptimizer, check_lr
 from .lion import STATE_BITS
-from .rule_loop import begin_param_step, run_rule, state_codec
+from .rule_loop import begin_param_step, run_rule
 from .validation import check_beta, check_choice, check_int, check_nonneg, check_positive
 
 _FACTORED = Factored()
@@ -44,14 +45,16 @@ class Adafactor(CodecOptimizer):
         relative_step: time-dependent step size (default True).
         warmup_init: relative step ``min(1e-6 * step, 1/sqrt(step))`` (default False).
         m_bits: storage of the first moment when ``beta1`` is set: 32 (default), 16, 8 or 4.
-        rounding, min_quantize_numel, seed, nonfinite, correction_bits, weight_rounding: as in ``Lion``.
+        rounding, min_quantize_numel, seed, nonfinite, correction_bits, weight_rounding, policy: as in ``Lion``.
     """
+
+    STATE_PREFIX = {"exp_avg": "m", "exp_avg_sq": "v"}
 
     def __init__(self, params, lr: float | None = None, eps=(1e-30, 1e-3), clip_threshold: float = 1.0,
                  decay_rate: float = -0.8, beta1: float | None = None, weight_decay: float = 0.0,
                  scale_parameter: bool = True, relative_step: bool = True, warmup_init: bool = False, *,
                  m_bits: int = 32, rounding: str = "nearest", min_quantize_numel: int = 4096, seed: int = 0,
-                 nonfinite: str = "skip", maximize: bool = False, correction_bits: int | None = None, weight_rounding: str = "auto"):  # fmt: skip
+                 nonfinite: str = "skip", maximize: bool = False, correction_bits: int | None = None, weight_rounding: str = "auto", policy=None):  # fmt: skip
         if lr is not None and relative_step:
             raise ValueError("Adafactor: cannot combine a manual lr with relative_step=True (set relative_step=False)")
         if warmup_init and not relative_step:
@@ -62,7 +65,7 @@ class Adafactor(CodecOptimizer):
                         warmup_init=warmup_init, m_bits=m_bits, rounding=rounding,
                         min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite, maximize=maximize,
                         correction_bits=correction_bits, weight_rounding=weight_rounding)  # fmt: skip
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, policy)
 
     def validate_group(self, group):
         if group["lr"] is not None:
@@ -82,13 +85,18 @@ class Adafactor(CodecOptimizer):
         check_choice("rounding", group["rounding"], ROUNDING_MODES)
         check_int("min_quantize_numel", group["min_quantize_numel"], 0)
         check_int("seed", group["seed"], 0)
-        state_codec(group, "m", None, signed=True)
+        self.resolve_spec("exp_avg", BITS_NAME[group["m_bits"]], None, group)
 
-    def codecs(self, param, group):
-        out = {"exp_avg_sq": _FACTORED}
+    def default_specs(self, param, group):
+        out = {"exp_avg_sq": "factored"}
         if group["beta1"] is not None:
-            out["exp_avg"] = state_codec(group, "m", param, signed=True)
+            out["exp_avg"] = BITS_NAME[group["m_bits"]]
         return out
+
+    def resolve_spec(self, name, spec, param, group):
+        if spec == "factored":  # Adafactor's own v: factored at every size (dense only for vectors)
+            return _FACTORED
+        return super().resolve_spec(name, spec, param, group)
 
     @staticmethod
     def step_size(group: dict, param: torch.Tensor, step: int) -> float:

@@ -15,9 +15,12 @@ from collections import OrderedDict
 import torch
 
 from ..kernels.cpu import load_cpu_kernels
+from ..policy.policies import Policy
+from ..policy.specs import resolve_codec
 from ..quant.rounding import mix_salt
 from ..state import StateCodec, sharded
 from . import master_weights
+from .plans import Plan, adapted, export_plans, import_plan, make_plan, param_info, transcode
 from .validation import check_positive
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -28,9 +31,14 @@ _WEIGHT_SALT_ID = 7  # stochastic rounding of weights draws numbers apart from t
 class CodecOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose states are stored through codecs chosen per parameter.
 
-    Subclasses implement ``codecs(param, group)`` (state name -> codec), ``validate_group(group)`` and
-    ``update(work)`` (the rule applied to the parameters of one step); ``step()`` is shared: it checks the
-    gradients, routes low-precision parameters through their fp32 master weights (``correction_bits``,
+    Subclasses implement ``default_specs(param, group)`` (state name -> the spec the group's settings give),
+    ``validate_group(group)`` and ``update(work)`` (the rule applied to the parameters of one step), and set
+    ``STATE_PREFIX`` (state name -> ``"m"`` for a signed state, ``"v"`` for a non-negative one). The codecs
+    come from a *plan* per parameter (``optim.plans``): the ``policy`` (``efficient_optim.policy``; default:
+    the settings decide) chooses a spec per state when the parameter's state is created, ``resolve_spec``
+    turns it into a codec, and ``codecs(param, group)`` looks it up. A dynamic policy may change plans between
+    steps; the changed states are transcoded once. ``step()`` is shared: it checks the gradients, applies
+    plan changes, routes low-precision parameters through their fp32 master weights (``correction_bits``,
     ``weight_rounding``: see ``optim.master_weights``) and calls ``update``.
 
     Every optimizer of the library accepts, per group:
@@ -56,25 +64,83 @@ class CodecOptimizer(torch.optim.Optimizer):
     """
 
     skipped_steps: int
+    STATE_PREFIX: dict[str, str] = {}
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        # codecs picked for a DTensor (FSDP2) parameter are laid out for its sharding (state/sharded.py)
-        if "codecs" in cls.__dict__:
-            cls.codecs = sharded.dtensor_codecs(cls.__dict__["codecs"])
-
-    def __init__(self, params, defaults: dict):
+    def __init__(self, params, defaults: dict, policy: Policy | None = None):
         self.skipped_steps = 0
         self._release = None  # the GradientRelease handle while gradient release is on
+        self._plans: dict[torch.Tensor, Plan] = {}
+        if policy is not None and not isinstance(policy, Policy):
+            raise ValueError(f"invalid policy: {policy!r} (an efficient_optim.policy.Policy, e.g. ByName(...))")
+        self.policy = policy if policy is not None else Policy()
         defaults.setdefault("correction_bits", None)
         defaults.setdefault("weight_rounding", "auto")
         defaults.setdefault("maximize", False)
         super().__init__(params, defaults)
+        if self.policy.needs_names and any(g.get("param_names") is None for g in self.param_groups):
+            raise ValueError(f"{type(self).__name__}: policy {self.policy!r} chooses by parameter name; pass "
+                             "model.named_parameters() (or groups with (name, parameter) pairs), not parameters()")  # fmt: skip
 
     # --------------------------------------------------------------------------------- subclass API
     @abstractmethod
+    def default_specs(self, param: torch.Tensor, group: dict) -> dict:
+        """State name -> spec (``"8bit"``, ``"factored"``, a codec, ...) that ``group``'s settings give ``param``."""
+
+    def resolve_spec(self, name: str, spec, param: torch.Tensor | None, group: dict) -> StateCodec:
+        """The codec of state ``name`` under ``spec`` (``policy.specs.resolve_codec`` with the group's options)."""
+        return resolve_codec(spec, self.STATE_PREFIX[name], param, group)
+
     def codecs(self, param: torch.Tensor, group: dict) -> dict[str, StateCodec]:
-        """State name -> codec for ``param`` under ``group``'s settings."""
+        """State name -> codec of ``param``: its plan (made now from the settings and the policy if it has none)."""
+        plan = self._plans.get(param)
+        if plan is None:
+            plan = self._plans[param] = make_plan(self, param, group, self._info(param))
+        return plan.step_codecs
+
+    # ------------------------------------------------------------------------------------- plans
+    def _info(self, param: torch.Tensor):
+        index = 0
+        for group in self.param_groups:
+            for position, p in enumerate(group["params"]):
+                if p is param:
+                    return param_info(group, position, index, p)
+                index += 1
+        raise KeyError("parameter is not handled by this optimizer")
+
+    def planned_params(self) -> list[torch.Tensor]:
+        """The parameters that have a plan (their state was created), in the optimizer's order."""
+        return [p for g in self.param_groups for p in g["params"] if p in self._plans]
+
+    def policy_choice(self, param: torch.Tensor) -> dict:
+        """State name -> the spec the policy chooses for ``param`` now (its plan is not changed)."""
+        group, _ = self._param_index(param)
+        return self.policy.choose(self._info(param), self.default_specs(param, group))
+
+    def plan_of(self, param: torch.Tensor) -> dict[str, StateCodec]:
+        """State name -> the codec ``param``'s states are stored with (its plan; made now if it has none)."""
+        group, _ = self._param_index(param)
+        self.codecs(param, group)
+        return dict(self._plans[param].codecs)
+
+    @torch.no_grad()
+    def set_plan(self, param: torch.Tensor, specs: dict) -> None:
+        """Change the codecs of ``param``'s states (state name -> spec); existing states are transcoded once
+        (decoded with the old codec, encoded with the new one), so ``state_bytes`` shows the new size at once."""
+        group, index = self._param_index(param)
+        self.codecs(param, group)
+        plan = self._plans[param]
+        unknown = sorted(set(specs) - set(plan.codecs))
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: parameter #{index} has no state {unknown} (it has {sorted(plan.codecs)})")
+        new = {name: self.resolve_spec(name, spec, param, group) for name, spec in specs.items()}
+        transcode(self, param, group, index, plan, new)
+        plan.specs.update(specs)
+
+    def _replan(self) -> None:
+        """Apply the changes a dynamic policy asks for before this step."""
+        if self.policy.dynamic:
+            for param, specs in self.policy.replan(self):
+                self.set_plan(param, specs)
 
     @abstractmethod
     def validate_group(self, group: dict) -> None:
@@ -113,6 +179,8 @@ class CodecOptimizer(torch.optim.Optimizer):
                     group.setdefault(key, value)
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("_release", None)
+        self.__dict__.setdefault("_plans", {})
+        self.__dict__.setdefault("policy", Policy())
 
     # -------------------------------------------------------------------------------- the step
     @torch.compiler.disable  # eager inside torch.compile'd code: kernels + codec bookkeeping, nothing to trace
@@ -130,6 +198,7 @@ class CodecOptimizer(torch.optim.Optimizer):
             )
         loss, work = self._begin_step(closure)
         if work is not None:
+            self._replan()
             with float_learning_rates(self.param_groups):
                 self._apply(work)
         return loss
@@ -266,15 +335,27 @@ class CodecOptimizer(torch.optim.Optimizer):
         """``torch.optim.Optimizer.state_dict()``; for DTensor (FSDP2) parameters, states kept on the local shard
         (quantized codes and scales) are exported as DTensors so ``torch.distributed.checkpoint`` saves every
         rank's part (see ``state.sharded``)."""
-        return sharded.export_local_states(self, super().state_dict())
+        sd = sharded.export_local_states(self, super().state_dict())
+        ids = {p: k for p, k in zip((p for g in self.param_groups for p in g["params"]),
+                                    (k for g in sd["param_groups"] for k in g["params"]))}  # fmt: skip
+        sd["codec_plans"] = export_plans({ids[p]: plan for p, plan in self._plans.items() if p in ids})
+        policy_state = self.policy.state_dict()
+        if policy_state:
+            sd["policy"] = policy_state
+        return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a checkpoint, keeping codes and scales in their saved dtypes and checking their shapes.
 
-        Raises ``ValueError`` naming the parameter when the checkpoint's states do not fit this
-        optimizer's parameters or settings (different shapes, bits, block size, ...).
+        Each parameter's plan is rebuilt: from the checkpoint's recorded codecs under a dynamic policy (and the
+        policy's own state is restored), from the settings and the policy otherwise (a recorded plan that
+        differs is refused). Raises ``ValueError`` naming the parameter when the checkpoint's states do not fit
+        this optimizer's parameters or settings (different shapes, bits, block size, ...).
         """
         state_dict = self._run_load_pre_hooks(state_dict)
+        recorded = state_dict.get("codec_plans") or {}
+        if state_dict.get("policy") and self.policy.dynamic:
+            self.policy.load_state_dict(state_dict["policy"])
         saved_state = state_dict["state"]
         # saved state keys -> parameters as torch maps them: through the groups' "params" lists (indices, or
         # parameter names in the state dicts of torch.distributed.checkpoint's get_optimizer_state_dict)
@@ -296,13 +377,54 @@ class CodecOptimizer(torch.optim.Optimizer):
                     self.state[p][k] = v.to(device=p.device, copy=True)
                 elif k == "step" and isinstance(v, (int, float)):  # older or hand-written checkpoints
                     self.state[p][k] = torch.tensor(float(v), dtype=torch.float32)
+        self._plans = {}
+        for key, p in id_map.items():
+            if key in recorded and p in self.state and self.state[p]:
+                self._load_plan(p, recorded[key])
         sharded.load_local_states(self)  # exported local-shard states of DTensor parameters back to local
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
                 if p in self.state and self.state[p]:
+                    if p not in self._plans:
+                        self._adopt_legacy_layout(index, p, group)
                     self._check_param_state(index, p, self.state[p], self.codecs(p, group))
                 index += 1
+
+    def _adopt_legacy_layout(self, index: int, param: torch.Tensor, group: dict) -> None:
+        """A checkpoint without recorded plans (written before plans existed) whose small tensor kept a
+        ``bf16`` state (the small-tensor rule once spared bf16): the state is transcoded to today's plan."""
+        plan = make_plan(self, param, group, self._info(param))
+        try:
+            self._check_param_state(index, param, self.state[param], plan.step_codecs)
+        except ValueError:
+            legacy = {n: self.resolve_spec(n, spec, param, {**group, "min_quantize_numel": 0})
+                      for n, spec in plan.specs.items()}  # fmt: skip
+            if any(spec != "bf16" for n, spec in plan.specs.items() if legacy[n] != plan.codecs[n]):
+                return  # not that layout: the check that follows names the mismatch
+            try:
+                self._check_param_state(index, param, self.state[param], legacy)
+            except ValueError:
+                return
+            target = dict(plan.codecs)
+            plan.codecs, plan.step_codecs = dict(legacy), dict(legacy)
+            transcode(self, param, group, index, plan, target)
+        self._plans[param] = plan
+
+    def _load_plan(self, param: torch.Tensor, recorded: dict) -> None:
+        """The plan of ``param`` from a checkpoint's record (see ``load_state_dict``)."""
+        group, index = self._param_index(param)
+        plan = make_plan(self, param, group, self._info(param))
+        saved = import_plan(recorded)
+        if self.policy.dynamic:
+            plan.codecs, plan.specs = saved, dict(recorded)
+            plan.step_codecs = adapted(saved, param)
+        elif export_plans({0: Plan({}, saved, {})}) != export_plans({0: plan}):
+            raise ValueError(
+                f"parameter #{index} (shape {tuple(param.shape)}) was stored with codecs {saved} but this "
+                f"optimizer's settings and policy give {plan.codecs}: the checkpoint was written with other settings"
+            )
+        self._plans[param] = plan
 
     def _run_load_pre_hooks(self, state_dict: dict) -> dict:
         """The state dict after every ``register_load_state_dict_pre_hook`` hook (a hook may return a new one)."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from ..policy.specs import BITS_NAME
 from ..quant.rounding import ROUNDING_MODES
 from .base import NONFINITE_POLICIES, CodecOptimizer, check_lr
-from .rule_loop import run_rule, state_codec
+from .rule_loop import run_rule
 from .validation import check_betas, check_choice, check_int, check_nonneg
 
 STATE_BITS = (32, 16, 8, 4)
@@ -32,17 +33,21 @@ class Lion(CodecOptimizer):
         min_quantize_numel: smaller tensors keep fp32 momentum (default 4096).
         seed: stochastic-rounding seed (default 0). nonfinite: ``"skip"`` (default) or ``"raise"``.
         correction_bits, weight_rounding: master weights for bf16/fp16 parameters (see ``CodecOptimizer``).
+        policy: an ``efficient_optim.policy.Policy`` choosing the momentum's spec per parameter or over time
+            (default None: ``m_bits`` decides).
     """
+
+    STATE_PREFIX = {"exp_avg": "m"}
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *, m_bits: int = 32,
                  m_block_size: int | None = None, rounding: str = "nearest", min_quantize_numel: int = 4096,
                  seed: int = 0, nonfinite: str = "skip", maximize: bool = False, correction_bits: int | None = None,
-                 weight_rounding: str = "auto"):  # fmt: skip
+                 weight_rounding: str = "auto", policy=None):  # fmt: skip
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, m_bits=m_bits, m_block_size=m_block_size,
                         rounding=rounding, min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite, maximize=maximize,
                         correction_bits=correction_bits, weight_rounding=weight_rounding)  # fmt: skip
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, policy)
 
     def validate_group(self, group):
         check_lr(group["lr"])
@@ -52,10 +57,10 @@ class Lion(CodecOptimizer):
         check_choice("rounding", group["rounding"], ROUNDING_MODES)
         check_int("min_quantize_numel", group["min_quantize_numel"], 0)
         check_int("seed", group["seed"], 0)
-        state_codec(group, "m", None, signed=True)
+        self.resolve_spec("exp_avg", BITS_NAME[group["m_bits"]], None, group)
 
-    def codecs(self, param, group):
-        return {"exp_avg": state_codec(group, "m", param, signed=True)}
+    def default_specs(self, param, group):
+        return {"exp_avg": BITS_NAME[group["m_bits"]]}
 
     def update(self, work):
         def rule(group, p, g, states, step):

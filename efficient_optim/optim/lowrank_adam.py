@@ -39,7 +39,7 @@ from functools import cache
 
 import torch
 
-from ..policy.static import full_precision_codec
+from ..policy.specs import resolve_codec
 from ..quant.rounding import mix_salt
 from ..state import Dense, StateCodec
 from ..state.lowrank import (
@@ -175,9 +175,13 @@ class LowRankAdam(CodecOptimizer):
         seed: seed of the random test matrices (mixed with parameter index and step; never the global RNG).
         nonfinite: ``"skip"`` (default) the step on a NaN/Inf gradient with a warning, or ``"raise"``.
         correction_bits, weight_rounding: low-precision parameters, as for every optimizer of the library.
+        policy: an ``efficient_optim.policy.Policy`` that may give parameters other specs than the settings
+            (e.g. ``ByName({"wte": "fp32"})``); None (default): the settings decide.
 
     Tensors of more than 2 dimensions are treated as ``(shape[0], prod(shape[1:]))`` matrices.
     """
+
+    STATE_PREFIX = {"exp_avg": "m", "exp_avg_sq": "v", "proj": "m"}
 
     def __init__(
         self,
@@ -204,6 +208,7 @@ class LowRankAdam(CodecOptimizer):
         amsgrad: bool = False,
         correction_bits: int | None = None,
         weight_rounding: str = "auto",
+        policy=None,
     ):
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         if amsgrad:
@@ -218,7 +223,7 @@ class LowRankAdam(CodecOptimizer):
             galore_scale=galore_scale, seed=seed, nonfinite=nonfinite, maximize=maximize, correction_bits=correction_bits,
             weight_rounding=weight_rounding,
         )  # fmt: skip
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, policy)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -263,11 +268,24 @@ class LowRankAdam(CodecOptimizer):
         return _lowrank_codec(group["rank"], refresh, every, group["oversample"], group["power_iters"],
                               group["seed"], nonneg, group["min_lowrank_numel"], float(group["max_rank_fraction"]))  # fmt: skip
 
-    def kind(self, param: torch.Tensor, group: dict) -> str:
-        """``"dense"`` or the group's update strategy, for ``param``."""
+    def _settings_kind(self, param: torch.Tensor, group: dict) -> str:
+        """``"dense"`` or the group's update strategy, for ``param``, as the group's settings say."""
         if not group["lowrank"] or not self._m_codec(group).is_lowrank(param):
             return "dense"
         return group["update_strategy"]
+
+    def kind(self, param: torch.Tensor, group: dict) -> str:
+        """``"dense"`` or the update strategy ``param`` is stepped with, from its plan (a policy may have
+        given it other codecs than the group's settings)."""
+        self.codecs(param, group)
+        mc = self._plans[param].codecs["exp_avg"]
+        if isinstance(mc, ProjectedMoment):
+            return "periodic"
+        if isinstance(mc, FactorEMA):
+            return "factor_ema"
+        if isinstance(mc, LowRank) and mc.is_lowrank(param):
+            return mc.refresh
+        return "dense"
 
     def _v_codec(self, group: dict) -> StateCodec:
         storage = group["v_storage"]
@@ -279,17 +297,23 @@ class LowRankAdam(CodecOptimizer):
 
         return Factored()
 
-    def codecs(self, param, group):
-        kind = self.kind(param, group)
+    def default_specs(self, param, group):
+        kind = self._settings_kind(param, group)
         r = group["rank"]
         if kind == "dense":
-            full = full_precision_codec(param)  # fp64 for a float64 parameter
-            return {"exp_avg": full, "exp_avg_sq": full}
+            return {"exp_avg": "fp32", "exp_avg_sq": "fp32"}  # fp64 for a float64 parameter
         if kind == "periodic":
             return {"exp_avg": ProjectedMoment(r), "exp_avg_sq": ProjectedMoment(r), "proj": Projection(r)}
         if kind == "factor_ema":
             return {"exp_avg": FactorEMA(r), "exp_avg_sq": self._v_codec(group)}
         return {"exp_avg": self._m_codec(group), "exp_avg_sq": self._v_codec(group)}
+
+    def resolve_spec(self, name, spec, param, group):
+        """Codec instances (this optimizer's low-rank, GaLore and sketch states) are used as they are (their
+        size rules are the group's ``min_lowrank_numel`` / ``max_rank_fraction``); names as every optimizer's."""
+        if isinstance(spec, StateCodec):
+            return spec
+        return resolve_codec(spec, self.STATE_PREFIX[name], param, {**group, "min_quantize_numel": group["min_lowrank_numel"]})
 
     # ----------------------------------------------------------------------------------- workspace
     def _workspace_numel(self, param, group, kind) -> int:

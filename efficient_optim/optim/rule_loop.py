@@ -6,21 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..policy.static import global_numel, moment_codec
 from ..quant.rounding import mix_salt
-
-
-def state_codec(group: dict, prefix: str, param: torch.Tensor | None, *, signed: bool, default_map: str = "dynamic"):
-    """The codec of one state from ``{prefix}_bits`` / ``{prefix}_block_size`` / ``rounding`` etc. of a group.
-
-    ``param=None`` (validation) resolves as if the tensor were large enough to be quantized.
-    """
-    resolved = {"bits": group[f"{prefix}_bits"], f"{prefix}_bits": group[f"{prefix}_bits"],
-                f"{prefix}_map": group.get(f"{prefix}_map") or default_map,
-                f"{prefix}_block_size": group.get(f"{prefix}_block_size"),
-                "rounding": group.get("rounding") or "nearest", "scale_dtype": group.get("scale_dtype", "bfloat16"),
-                "min_quantize_numel": 0 if param is None else group["min_quantize_numel"]}  # fmt: skip
-    return moment_codec(resolved, prefix, torch.empty(0) if param is None else param, signed=signed)
 
 
 def working_dtype(param: torch.Tensor) -> torch.dtype:
@@ -64,8 +50,3 @@ def run_rule(opt, work: list, rule: Callable, state_ids: dict[str, int]) -> None
                 p.copy_(p32)
             for name, codec in codecs.items():
                 codec.encode(state, name, views[name], salt=mix_salt(group.get("seed", 0), index, state_ids[name], step))
-
-
-def small(param: torch.Tensor, group: dict) -> bool:
-    """Below ``min_quantize_numel`` (global size): kept dense whatever the settings say."""
-    return global_numel(param) < group["min_quantize_numel"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from ..policy.specs import BITS_NAME
 from ..quant.rounding import ROUNDING_MODES
 from .base import NONFINITE_POLICIES, CodecOptimizer, check_lr
 from .lion import STATE_BITS
-from .rule_loop import run_rule, state_codec
+from .rule_loop import run_rule
 from .validation import check_choice, check_int, check_nonneg, check_positive
 
 
@@ -36,19 +37,22 @@ class SGD(CodecOptimizer):
         rounding: ``"nearest"`` (default) or ``"stochastic"``.
         min_quantize_numel: smaller tensors keep an fp32 buffer (default 4096).
         seed, nonfinite, correction_bits, weight_rounding: as in ``CodecOptimizer``.
+        policy: as in ``Lion`` (default None: ``momentum_bits`` decides).
     """
+
+    STATE_PREFIX = {"momentum_buffer": "m"}
 
     def __init__(self, params, lr: float = 1e-2, momentum: float = 0.9, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, momentum_bits: int = 8,
                  block_size: int | None = None, rounding: str = "nearest", min_quantize_numel: int = 4096,
                  seed: int = 0, nonfinite: str = "skip", maximize: bool = False, correction_bits: int | None = None,
-                 weight_rounding: str = "auto"):  # fmt: skip
+                 weight_rounding: str = "auto", policy=None):  # fmt: skip
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, m_bits=momentum_bits, m_block_size=block_size, rounding=rounding,
                         min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite, maximize=maximize,
                         correction_bits=correction_bits, weight_rounding=weight_rounding)  # fmt: skip
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, policy)
 
     def validate_group(self, group):
         check_lr(group["lr"])
@@ -61,10 +65,10 @@ class SGD(CodecOptimizer):
         check_choice("rounding", group["rounding"], ROUNDING_MODES)
         check_int("min_quantize_numel", group["min_quantize_numel"], 0)
         check_int("seed", group["seed"], 0)
-        state_codec(group, "m", None, signed=True)
+        self.resolve_spec("momentum_buffer", BITS_NAME[group["m_bits"]], None, group)
 
-    def codecs(self, param, group):
-        return {"momentum_buffer": state_codec(group, "m", param, signed=True)}
+    def default_specs(self, param, group):
+        return {"momentum_buffer": BITS_NAME[group["m_bits"]]}
 
     def update(self, work):
         def rule(group, p, g, states, step):

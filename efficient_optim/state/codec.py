@@ -31,9 +31,28 @@ ERROR_KINDS = ("none", "quantization", "factorization", "lowrank")
 """What storing a state can lose: nothing, per-element precision (rounding to fewer bits: bf16, 8/4-bit
 codes), everything but row/column statistics (factored), everything outside a rank-r subspace (low rank)."""
 
+_CODEC_CLASSES: dict[str, type] = {}
+
+
+def codec_class(name: str) -> type:
+    """The codec class registered under ``name`` (its class name); ``ValueError`` when none is."""
+    try:
+        return _CODEC_CLASSES[name]
+    except KeyError:
+        raise ValueError(f"unknown codec class {name!r}: import the module that defines it before loading "
+                         f"(known: {sorted(_CODEC_CLASSES)})") from None  # fmt: skip
+
 
 class StateCodec(ABC):
-    """Storage spec of one state tensor."""
+    """Storage spec of one state tensor.
+
+    Every subclass registers itself by class name, so a checkpoint's recorded plan can rebuild it
+    (``state.spec``).
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _CODEC_CLASSES[cls.__name__] = cls
 
     @abstractmethod
     def init(self, state: dict, name: str, param: torch.Tensor) -> None:
@@ -125,6 +144,17 @@ class StateCodec(ABC):
         """The error this codec tracks for state ``name`` (error feedback's residual), float32 shaped like
         ``param``; None (default) when it tracks none."""
         return None
+
+    @property
+    def kernel_kind(self) -> str | None:
+        """The layout a fused kernel can read and write in place (``"quantized"``, ``"factored"``, ...; the
+        keys of ``kernels.dispatch``'s table); None (default): the step decodes and encodes through the codec."""
+        return None
+
+    def kernel_operands(self, state: dict, name: str) -> tuple:
+        """What a fused kernel of ``kernel_kind`` receives for state ``name``, in its argument order (the
+        storage tensors, updated in place, then the codec's constants). Only for codecs with a ``kernel_kind``."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused-kernel layout")
 
     def codebook(self, state: dict, name: str) -> torch.Tensor | None:
         """The quantization levels state ``name`` uses now when they are part of the state (a learned

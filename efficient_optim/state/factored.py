@@ -97,6 +97,14 @@ class Factored(StateCodec):
             value.copy_(_reconstruct(value.mean(dim=-1), value.mean(dim=-2), eps))
         return value
 
+    @property
+    def kernel_kind(self) -> str:
+        return "factored"
+
+    def kernel_operands(self, state, name) -> tuple:
+        """``(row means, column means, eps)`` of a factored (matrix) state, in the fused kernel's order."""
+        return state[f"{name}.row"], state[f"{name}.col"], self.eps
+
     def init(self, state, name, param):
         if not self.factors(param):
             state[name] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.contiguous_format)

@@ -137,6 +137,19 @@ class Quantized(StateCodec):
         codes.copy_(new_codes)
         scales.copy_(new_scales)
 
+    @property
+    def kernel_kind(self) -> str:
+        return "quantized"
+
+    def kernel_operands(self, state, name) -> tuple:
+        """``(codes, scales, [levels, lut, midpoints, mid_lut], [lut and midpoint bucket geometry], signed,
+        bits, stochastic)``: the storage and the map's tables in the fused kernels' argument order."""
+        q = self.qmap
+        tables = [q.levels, q.lut, q.midpoints, q.mid_lut]
+        geometry = [q.lut_mantissa_bits, q.lut_exp_range, q.mid_mantissa_bits, q.mid_exp_range]
+        return (state[f"{name}.codes"], state[f"{name}.scales"], tables, geometry, q.signed, self.bits,
+                self.rounding == "stochastic")  # fmt: skip
+
     def shared_tensors(self):
         tag = f"map.{self.qmap.name}.{self.bits}bit.{'signed' if self.signed else 'unsigned'}.{id(self.qmap):x}"
         return {f"{tag}.{k}": t for k, t in self.qmap.tables().items()}

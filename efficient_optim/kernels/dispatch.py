@@ -1,0 +1,139 @@
+"""The one kernel-dispatch table: (device, rule, m codec kind, v codec kind) -> fused kernel.
+
+Every Adam variant of the library asks ``fused_adam_step`` first; it returns False when no fused kernel
+covers the parameter (the rule then runs its PyTorch reference path). Codecs say what a kernel gets
+(``StateCodec.kernel_kind`` and ``kernel_operands``), so rules never index codec storage.
+
+A table entry says which compiled entry point runs and when it applies. Providers load the compiled kernels
+per device: ``cpu`` -> the C++ kernels of ``kernels.cpu``; ``cuda`` -> the Triton kernels of
+``kernels.triton_adamw`` when that module and Triton are present.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..state import sharded
+from .cpu import load_cpu_kernels
+
+
+@dataclass(frozen=True)
+class AdamStep:
+    """The hyperparameters and salts of one parameter's Adam step (what every fused Adam kernel takes)."""
+
+    step: int
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    m_salt: int
+    v_salt: int
+
+    @property
+    def step_size(self) -> float:
+        return self.lr / (1 - self.beta1**self.step)
+
+    @property
+    def bias_correction2_sqrt(self) -> float:
+        return math.sqrt(1 - self.beta2**self.step)
+
+
+@dataclass(frozen=True)
+class FusedKernel:
+    """One table entry: ``entry`` is the compiled function's name; ``applies(p, g, mc, vc)`` says whether it
+    covers this parameter; ``call(fn, p, g, state, mc, vc, hp)`` runs it."""
+
+    entry: str
+    applies: Callable
+    call: Callable
+
+
+def _plain_fp32(p: torch.Tensor, g: torch.Tensor, device: str) -> bool:
+    return (type(p.data) is torch.Tensor and p.device.type == device and p.dtype == torch.float32
+            and g.dtype == torch.float32)  # fmt: skip
+
+
+def _quantized_pair_applies(p, g, mc, vc) -> bool:
+    return mc.block_size == vc.block_size
+
+
+def _quantized_pair_call(fn, p, g, state, mc, vc, hp: AdamStep) -> None:
+    target = p if p.is_contiguous() else p.contiguous()  # a strided parameter steps on a copy
+    m_codes, m_scales, m_tables, m_geometry, m_signed, m_bits, m_stochastic = mc.kernel_operands(state, "exp_avg")
+    v_codes, v_scales, v_tables, v_geometry, v_signed, v_bits, v_stochastic = vc.kernel_operands(state, "exp_avg_sq")
+    fn(target, g.contiguous(),
+       m_codes, m_scales, m_tables, m_geometry, m_signed, m_bits, m_stochastic, hp.m_salt,
+       v_codes, v_scales, v_tables, v_geometry, v_signed, v_bits, v_stochastic, hp.v_salt,
+       mc.block_size, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.step_size, hp.bias_correction2_sqrt)  # fmt: skip
+    if target is not p:
+        p.copy_(target)
+
+
+def _quantized_factored_applies(p, g, mc, vc) -> bool:
+    return p.dim() == 2 and p.is_contiguous() and p.shape[1] % mc.block_size == 0
+
+
+def _quantized_factored_call(fn, p, g, state, mc, vc, hp: AdamStep) -> None:
+    m_codes, m_scales, m_tables, m_geometry, m_signed, m_bits, m_stochastic = mc.kernel_operands(state, "exp_avg")
+    row, col, v_eps = vc.kernel_operands(state, "exp_avg_sq")
+    fn(p, g.contiguous(), m_codes, m_scales, m_tables, m_geometry, m_signed, m_bits, m_stochastic, hp.m_salt,
+       mc.block_size, row, col, v_eps, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.step_size,
+       hp.bias_correction2_sqrt)  # fmt: skip
+
+
+ADAM_KERNELS: dict[tuple[str, str, str], FusedKernel] = {
+    ("adamw", "quantized", "quantized"): FusedKernel("adamw_quantized_step", _quantized_pair_applies, _quantized_pair_call),
+    ("adamw", "quantized", "factored"): FusedKernel(
+        "adamw_quantized_factored_step", _quantized_factored_applies, _quantized_factored_call),
+}  # fmt: skip
+SHARDABLE = {("adamw", "quantized", "quantized")}  # entries that step a DTensor's local shard (element-wise states)
+
+
+def _triton_kernels():
+    try:
+        from .triton_adamw import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels()
+
+
+PROVIDERS: dict[str, Callable] = {"cpu": load_cpu_kernels, "cuda": _triton_kernels}
+
+
+def _local_shard(p, g, mc, vc, hp: AdamStep):
+    """A DTensor parameter whose two states are stored for the local shard: the local tensors, the inner
+    codecs and the salts shifted to the shard's global position; None when the kernel cannot step it."""
+    if not (isinstance(mc, sharded.ShardLocal) and isinstance(vc, sharded.ShardLocal)):
+        return None
+    if not sharded.is_dtensor(g) or g.placements != p.placements:
+        return None
+    hp = AdamStep(hp.step, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay,
+                  sharded.shard_salt(hp.m_salt, p), sharded.shard_salt(hp.v_salt, p))  # fmt: skip
+    return p.to_local(), g.to_local(), mc.inner, vc.inner, hp
+
+
+def fused_adam_step(rule: str, p, g, state: dict, mc, vc, hp: AdamStep) -> bool:
+    """Step ``p`` with the fused kernel of ``(rule, mc.kernel_kind, vc.kernel_kind)`` on ``p``'s device when
+    the table has one that applies; False (nothing changed) otherwise."""
+    if sharded.is_dtensor(p):
+        local = _local_shard(p, g, mc, vc, hp)
+        if local is None:
+            return False
+        p, g, mc, vc, hp = local
+        if (rule, mc.kernel_kind, vc.kernel_kind) not in SHARDABLE:
+            return False
+    entry = ADAM_KERNELS.get((rule, mc.kernel_kind, vc.kernel_kind))
+    if entry is None or not _plain_fp32(p, g, p.device.type) or not entry.applies(p, g, mc, vc):
+        return False
+    provider = PROVIDERS.get(p.device.type)
+    kernels = provider() if provider is not None else None
+    fn = getattr(kernels, entry.entry, None) if kernels is not None else None
+    if fn is None:
+        return False
+    entry.call(fn, p, g, state, mc, vc, hp)
+    return True
