@@ -8,6 +8,7 @@ policy (see DESIGN.md). Public entry points:
 - ``QAdamW``: AdamW with block-wise quantized (8/4-bit) or dense (32/16-bit) moments.
 - ``HybridAdam``: AdamW with a 4-bit first moment and a factored second moment (~0.52 B/param).
 - ``LowRankAdam``: AdamW with a rank-r first moment of each weight matrix and a factored second moment.
+- ``GaLoreAdamW``: GaLore's rule (Adam inside a periodically refreshed low-rank gradient subspace).
 - ``Adafactor``, ``Lion``, ``SGD``: the baselines' rules, their states through the same codecs.
 - ``policy``: ``ByName`` (per-parameter specs by name), ``Schedule`` (specs that change over training).
 - ``create_optimizer(name, params_or_model, **kw)`` / ``list_optimizers()``: the registry.
@@ -17,7 +18,7 @@ policy (see DESIGN.md). Public entry points:
 """
 
 from . import policy
-from .optim import SGD, Adafactor, AdamW, HybridAdam, Lion, LowRankAdam, QAdamW
+from .optim import SGD, Adafactor, AdamW, GaLoreAdamW, HybridAdam, Lion, LowRankAdam, QAdamW
 from .optim.gradient_release import enable_gradient_release
 from .profiling import bytes_per_param, state_breakdown, state_bytes, training_bytes
 from .registry import create_optimizer, list_optimizers, register_optimizer
@@ -28,6 +29,7 @@ __all__ = [
     "SGD",
     "Adafactor",
     "AdamW",
+    "GaLoreAdamW",
     "HybridAdam",
     "Lion",
     "LowRankAdam",

@@ -340,6 +340,9 @@ register_optimizer("adamw_torchao_8bit", _torchao("AdamW8bit"), "torchao AdamW8b
                    target="torchao.optim:AdamW8bit")  # fmt: skip
 register_optimizer("adamw_torchao_4bit", _torchao("AdamW4bit"), "torchao AdamW4bit", requires="torchao",
                    target="torchao.optim:AdamW4bit")  # fmt: skip
+register_optimizer("galore", _ours("galore_adamw", "GaLoreAdamW"),
+                   "efficient_optim GaLoreAdamW: Adam in a rank-16 gradient subspace refreshed every 50 steps (no package needed)",
+                   target=_OPT + "galore_adamw:GaLoreAdamW")  # fmt: skip
 register_optimizer("lowrank_adam", _ours("lowrank_adam", "LowRankAdam"),
                    "efficient_optim LowRankAdam (P7): rank-16 first moment (randomized SVD every 10 steps), factored v on matrices",
                    target=_OPT + "lowrank_adam:LowRankAdam")  # fmt: skip

@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 
+import efficient_optim as eo
 from efficient_optim import state_breakdown, state_bytes
 from efficient_optim.optim.lowrank_adam import UPDATE_STRATEGIES, LowRankAdam
 from efficient_optim.state import Dense, Quantized
@@ -514,3 +515,20 @@ def test_error_feedback_correct_every_and_codec_contract():
         ErrorFeedback(q4, residual=torch.float16)
     with pytest.raises(ValueError, match="correct_every"):
         ErrorFeedback(q4, correct_every=0)
+
+
+def test_galore_is_its_own_rule_with_the_numbers_of_the_periodic_strategy():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(96, 64))
+    b = torch.nn.Parameter(a.detach().clone())
+    oa = eo.GaLoreAdamW([a], rank=4, svd_freq=2, min_lowrank_numel=0)
+    ob = eo.LowRankAdam([b], rank=4, svd_freq=2, min_lowrank_numel=0, update_strategy="periodic")
+    for step in range(5):
+        g = torch.randn(96, 64, generator=torch.Generator().manual_seed(step))
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    assert torch.equal(a, b)
+    assert set(oa.state[a]) == {"step", "exp_avg", "exp_avg_sq", "proj", "proj.meta"}
+    with pytest.raises(ValueError, match="GaLore's rule is 'periodic'"):
+        eo.GaLoreAdamW([{"params": [torch.nn.Parameter(torch.zeros(8, 8))], "update_strategy": "online"}])

@@ -174,7 +174,7 @@ class AdamW(CodecOptimizer):
                 mc, vc = codecs["exp_avg"], codecs["exp_avg_sq"]
                 if mc.is_dense_fp32 and vc.is_dense_fp32 and dense.accepts(p, g):
                     dense.add(p, g, state["exp_avg"], state["exp_avg_sq"], state["step"])
-                elif group["fused"] is False or not fused_adam_step(self.rule, p, g, state, mc, vc,
+                elif group.get("fused") is False or not fused_adam_step(self.rule, p, g, state, mc, vc,
                                                                       self._adam_step(group, index, state)):
                     self._reference_step(group, index, p, g, state, codecs)
             dense.run(group)

@@ -9,17 +9,13 @@ Four ``update_strategy`` values (the math and the reasons are in docs/lowrank_ad
 - ``"randomized"`` (default; the best of the four in protocol P7, docs/lowrank_adam.md): the same with
   ``LowRank(refresh="randomized")``: the basis is recomputed by randomized
   SVD of the EMA update every ``svd_freq`` steps and kept fixed in between (``V <- beta1 V + (1 - beta1) g^T U``).
-- ``"periodic"``: GaLore (Zhao et al. 2024): every ``svd_freq`` steps the projection ``P`` (top-r left
-  singular vectors of the gradient) is refreshed; both moments live in the r x n projected space and
-  the Adam direction is projected back: ``W -= lr * scale * P (m_hat / (sqrt(v_hat) + eps))``. A
-  different algorithm (Adam inside a moving subspace), not a codec of the full moment. On a refresh the
-  moments are rotated into the new basis (``m <- C m``, ``v <- (C*C) v`` with ``C = P_new^T P_old``; the
-  part of v with no counterpart in the old basis gets the old column mean): GaLore keeps them unrotated.
-- ``"factor_ema"``: the plan's sketch, kept as an ablation: factor each gradient ``g ~ a b^T`` (rank r,
-  randomized SVD, signs aligned), keep ``A = EMA(a)``, ``B = EMA(b)`` and use ``A B^T`` as the moment.
-  ``EMA(a) EMA(b)^T = sum_s sum_t w_s w_t a_s b_t^T`` while ``EMA(a b^T) = sum_t w_t a_t b_t^T``: the
-  product mixes factors of different steps (cross terms s != t) and weights step t by ``w_t^2``, not
-  ``w_t`` (docs/lowrank_adam.md has the algebra; tests/test_lowrank.py demonstrates it).
+- ``"periodic"``: GaLore (Zhao et al. 2024), its own update rule (``optim.galore``; also registered alone as
+  ``galore``): Adam inside a periodically refreshed subspace, not a codec of the full moment.
+- ``"factor_ema"``: the plan's sketch, kept as an ablation (``optim.factor_ema_ablation``): EMAs of the
+  factors of each gradient, their product as the moment; not a sound EMA (docs/lowrank_adam.md).
+
+A preset of ``optim.adamw.AdamW`` for ``"online"`` / ``"randomized"`` (the rule adds the out-of-subspace tail,
+below) and for the dense parameters; ``"periodic"`` and ``"factor_ema"`` parameters are stepped by their rules.
 
 The second moment of the low-rank matrices (``v_storage``, not used by ``"periodic"``): ``"factored"``
 (default: Adafactor's row/column statistics, ``m + n`` floats), ``"dense"`` (fp32) or ``"lowrank"``
@@ -33,8 +29,6 @@ moment, the relative reconstruction error of the last gradient and of the last m
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -42,21 +36,14 @@ import torch
 from ..policy.specs import resolve_codec
 from ..quant.rounding import mix_salt
 from ..state import Dense, StateCodec
-from ..state.lowrank import (
-    Arena,
-    LowRank,
-    LowRankFailure,
-    entropy_rank,
-    fallback_basis,
-    matrix_shape,
-    numerical_rank,
-    randomized_svd,
-    randomized_svd_numel,
-)
+from ..state.lowrank import LowRank, entropy_rank, matrix_shape, numerical_rank, randomized_svd_numel
 from ..state.sharded import is_dtensor
+from .adamw import AdamW
 from .adamw_rule import adamw_update_
 from .base import NONFINITE_POLICIES, CodecOptimizer, check_lr
-from .dense_adamw import DenseAdamWBatch
+from .factor_ema_ablation import FactorEMA, factor_ema_step
+from .galore import ProjectedMoment, Projection, galore_step
+from .lowrank_support import as_float, encode_state, outside_fraction, svdvals
 from .rule_loop import working_views
 from .validation import check_betas, check_choice, check_int, check_nonneg, check_positive
 
@@ -71,82 +58,13 @@ _STATE_IDS = {"exp_avg": 0, "exp_avg_sq": 1, "proj": 2}
 _DENSE = Dense(torch.float32)
 
 
-# ------------------------------------------------------------------------- GaLore and sketch states
-def _oriented(param: torch.Tensor) -> tuple[int, int]:
-    """(short, long) sides of the parameter's matrix: GaLore projects the short side."""
-    m, n = matrix_shape(param)
-    return min(m, n), max(m, n)
-
-
-@dataclass(frozen=True)
-class ProjectedMoment(StateCodec):
-    """A GaLore moment: an r x (long side) tensor in the projected space (not param-shaped)."""
-
-    rank: int
-
-    def expected(self, name, param):
-        return {name: ((self.rank, _oriented(param)[1]), torch.float32)}
-
-    def init(self, state, name, param):
-        state[name] = torch.zeros(self.rank, _oriented(param)[1], dtype=torch.float32, device=param.device)
-
-    def decode(self, state, name, param):
-        return state[name]
-
-    def encode(self, state, name, value, *, salt=0):
-        if value is not state[name]:
-            state[name].copy_(value)
-
-
-@dataclass(frozen=True)
-class Projection(StateCodec):
-    """GaLore's projection ``P`` (short side x r, orthonormal) and ``meta = [refreshes, svd_failures]``."""
-
-    rank: int
-
-    def expected(self, name, param):
-        return {name: ((_oriented(param)[0], self.rank), torch.float32), f"{name}.meta": ((2,), torch.int64)}
-
-    def init(self, state, name, param):
-        for key, (shape, dtype) in self.expected(name, param).items():
-            state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
-
-    def decode(self, state, name, param):
-        return state[name]
-
-    def encode(self, state, name, value, *, salt=0):
-        state[name].copy_(value)
-
-
-@dataclass(frozen=True)
-class FactorEMA(StateCodec):
-    """The plan's sketch: EMAs ``A`` (m x r) and ``B`` (n x r) of the factors of each gradient."""
-
-    rank: int
-
-    def expected(self, name, param):
-        m, n = matrix_shape(param)
-        return {f"{name}.a": ((m, self.rank), torch.float32), f"{name}.b": ((n, self.rank), torch.float32),
-                f"{name}.meta": ((2,), torch.int64)}  # fmt: skip
-
-    def init(self, state, name, param):
-        for key, (shape, dtype) in self.expected(name, param).items():
-            state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
-
-    def decode(self, state, name, param):
-        return (state[f"{name}.a"] @ state[f"{name}.b"].t()).view(param.shape)
-
-    def encode(self, state, name, value, *, salt=0):
-        raise NotImplementedError("FactorEMA is updated from gradient factors by LowRankAdam, not encoded")
-
-
 @cache
 def _lowrank_codec(rank, refresh, every, oversample, power_iters, seed, nonneg, min_numel, frac) -> LowRank:
     return LowRank(rank, refresh, every, oversample, power_iters, seed, nonneg, min_numel, frac)
 
 
 # ------------------------------------------------------------------------------------- the optimizer
-class LowRankAdam(CodecOptimizer):
+class LowRankAdam(AdamW):
     """AdamW with a rank-r first moment (and a compact second moment) for weight matrices.
 
     Args:
@@ -182,6 +100,7 @@ class LowRankAdam(CodecOptimizer):
     """
 
     STATE_PREFIX = {"exp_avg": "m", "exp_avg_sq": "v", "proj": "m"}
+    SPEC_KEYS = ()
 
     def __init__(
         self,
@@ -223,7 +142,7 @@ class LowRankAdam(CodecOptimizer):
             galore_scale=galore_scale, seed=seed, nonfinite=nonfinite, maximize=maximize, correction_bits=correction_bits,
             weight_rounding=weight_rounding,
         )  # fmt: skip
-        super().__init__(params, defaults, policy)
+        CodecOptimizer.__init__(self, params, defaults, policy)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -345,47 +264,56 @@ class LowRankAdam(CodecOptimizer):
 
     # ---------------------------------------------------------------------------------------- step
     def update(self, work):
+        """Low-rank (online / randomized) and dense parameters take AdamW's path (dense fp32 moments batched, the
+        rest through ``_reference_step``); GaLore and factor-EMA parameters take their own rules."""
         for group, items in work:
-            dense = DenseAdamWBatch()
+            adam_items = []
             for index, p, g in items:
-                if is_dtensor(p) and self.kind(p, group) != "dense":
+                kind = self.kind(p, group)
+                if is_dtensor(p) and kind != "dense":
                     raise NotImplementedError(
                         f"LowRankAdam: parameter #{index} {tuple(p.shape)} is sharded (FSDP2 DTensor) and would get "
                         "low-rank moments, which this optimizer computes on the whole matrix. Use "
                         "create_optimizer('hybrid_adam', ..., m_codec='lowrank') (its factors shard with the "
                         "parameter), DDP, or lowrank=False for this parameter's group (docs/distributed.md)"
                     )
-                codecs = self.codecs(p, group)
-                state = self._init_or_check_state(p, group, codecs, index)
-                state["step"] += 1
-                kind = self.kind(p, group)
-                if kind == "dense" and codecs["exp_avg"].is_dense_fp32 and dense.accepts(p, g):
-                    dense.add(p, g, state["exp_avg"], state["exp_avg_sq"], state["step"])
-                    continue
-                step = int(state["step"].item())
-                p32, g32 = working_views(p, g)  # (fp64 for a fp64 parameter)
-                ws = self._arena_buffer(self._workspace_numel(p, group, kind), p.device)
-                if kind == "periodic":
-                    diag = self._galore_step(group, index, p32, g32, state, step, ws)
-                elif kind == "factor_ema":
-                    diag = self._factor_ema_step(group, index, p32, g32, state, codecs, step, ws)
+                if kind in ("periodic", "factor_ema"):
+                    self._own_rule_step(group, index, p, g, kind)
                 else:
-                    diag = self._codec_step(group, index, p32, g32, state, codecs, step, ws, kind)
-                if diag is not None:
-                    self._diag[p] = diag
-                if p32 is not p:
-                    p.copy_(p32)
-            dense.run(group)
+                    adam_items.append((index, p, g))
+            super().update([(group, adam_items)])
+
+    def _own_rule_step(self, group, index, p, g, kind) -> None:
+        codecs = self.codecs(p, group)
+        state = self._init_or_check_state(p, group, codecs, index)
+        state["step"] += 1
+        step = int(state["step"].item())
+        p32, g32 = working_views(p, g)  # (fp64 for a fp64 parameter)
+        ws = self._arena_buffer(self._workspace_numel(p, group, kind), p.device)
+        if kind == "periodic":
+            self._diag[p] = galore_step(group, p32, g32, state, step, ws, proj_salt=self._salt(group, index, "proj", step),
+                                        every=self.svd_freq(group))  # fmt: skip
+        else:
+            self._diag[p] = factor_ema_step(group, p32, g32, state, codecs, step, ws,
+                                            m_salt=self._salt(group, index, "exp_avg", step),
+                                            v_salt=self._salt(group, index, "exp_avg_sq", step))  # fmt: skip
+        if p32 is not p:
+            p.copy_(p32)
+
+    def _reference_step(self, group, index, p, g, state, codecs) -> None:
+        """AdamW's reference step; for a low-rank first moment, the subspace rule of ``_codec_step``."""
+        kind = self.kind(p, group)
+        if kind == "dense":
+            return super()._reference_step(group, index, p, g, state, codecs)
+        step = int(state["step"].item())
+        p32, g32 = working_views(p, g)
+        ws = self._arena_buffer(self._workspace_numel(p, group, kind), p.device)
+        self._diag[p] = self._codec_step(group, index, p32, g32, state, codecs, step, ws, kind)
+        if p32 is not p:
+            p.copy_(p32)
 
     def _salt(self, group, index, name, step) -> int:
         return mix_salt(group["seed"], index, _STATE_IDS[name], step)
-
-    @staticmethod
-    def _encode(codec, state, name, value, salt, ws):
-        if isinstance(codec, LowRank):
-            codec.encode(state, name, value, salt=salt, workspace=ws)
-        else:
-            codec.encode(state, name, value, salt=salt)
 
     def _codec_step(self, group, index, p, g, state, codecs, step, ws, kind) -> dict | None:
         """online / randomized (and dense bf16): decode, the AdamW step, encode (compress) the moments.
@@ -416,85 +344,16 @@ class LowRankAdam(CodecOptimizer):
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             mhat = (m - (1 - beta1) * tail).div_(bc1).add_(tail)
             p.addcdiv_(mhat, (v / bc2).sqrt_().add_(group["eps"]), value=-group["lr"])
-        self._encode(mc, state, "exp_avg", m, self._salt(group, index, "exp_avg", step), ws)
-        self._encode(vc, state, "exp_avg_sq", v, self._salt(group, index, "exp_avg_sq", step), ws)
+        encode_state(mc, state, "exp_avg", m, self._salt(group, index, "exp_avg", step), ws)
+        encode_state(vc, state, "exp_avg_sq", v, self._salt(group, index, "exp_avg_sq", step), ws)
         if kind == "dense":
             return None
         u, _ = mc.factors(state, "exp_avg")  # the subspace after this step's encode
         gm = LowRank.matrix(g)  # oriented like the factors: U on the short side
         return {
-            "grad_error": _outside_fraction(gm, gm.t() @ u),
+            "grad_error": outside_fraction(gm, gm.t() @ u),
             "moment_error": mc.relative_error(state, "exp_avg", m),
         }
-
-    def _galore_step(self, group, index, p, g, state, step, ws) -> dict:
-        """GaLore: Adam on the projected gradient ``P^T G``, the direction projected back with ``P``."""
-        beta1, beta2 = group["betas"]
-        r = group["rank"]
-        gm = g.reshape(matrix_shape(p))
-        flip = gm.shape[0] > gm.shape[1]
-        gt = gm.t() if flip else gm  # (short, long)
-        proj, meta = state["proj"], state["proj.meta"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        every = max(self.svd_freq(group), 1)
-        if (step - 1) % every == 0:
-            gen = torch.Generator(device=g.device).manual_seed(self._salt(group, index, "proj", step))
-            old = proj.clone() if step > 1 else None
-            try:
-                new, _, _ = randomized_svd(gt, r, oversample=group["oversample"], power_iters=group["power_iters"],
-                                           generator=gen, arena=Arena(ws, g.device))  # fmt: skip
-            except LowRankFailure:
-                meta[1] += 1
-                new = old if old is not None else fallback_basis(gt, r, gen)
-            if old is not None and new is not old:
-                c = new.t() @ old  # r x r: old coordinates -> new coordinates
-                c2 = c.square()
-                kept = c2.sum(dim=1, keepdim=True).clamp(
-                    0, 1
-                )  # the part of each new direction in the old span
-                m.copy_(c @ m)
-                v.copy_(c2 @ v + (1 - kept) * v.mean(dim=0, keepdim=True))
-            proj.copy_(new)
-            meta[0] += 1
-        rg = proj.t() @ gt  # r x long
-        m.lerp_(rg, 1 - beta1)
-        v.mul_(beta2).addcmul_(rg, rg, value=1 - beta2)
-        bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-        n = (m / bc1).div_((v / bc2).sqrt_().add_(group["eps"]))
-        upd = proj @ n  # short x long
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.view(gm.shape).add_(upd.t() if flip else upd, alpha=-group["lr"] * group["galore_scale"])
-        return {"grad_error": _outside_fraction(gt, rg), "moment_error": None}
-
-    def _factor_ema_step(self, group, index, p, g, state, codecs, step, ws) -> dict:
-        """The plan's sketch (ablation): EMAs of the factors of each gradient, their product as the moment."""
-        beta1, beta2 = group["betas"]
-        r = group["rank"]
-        a, b, meta = state["exp_avg.a"], state["exp_avg.b"], state["exp_avg.meta"]
-        gm = g.reshape(a.shape[0], -1)
-        gen = torch.Generator(device=g.device).manual_seed(self._salt(group, index, "exp_avg", step))
-        grad_error = None
-        try:
-            u, s, w = randomized_svd(gm, r, oversample=group["oversample"], power_iters=group["power_iters"],
-                                     generator=gen, arena=Arena(ws, g.device))  # fmt: skip
-            root = s.clamp_min(0).sqrt()
-            fa, fb = u * root, w * root
-            sign = torch.where((fa * a).sum(0) < 0, -1.0, 1.0)  # u_i w_i^T is unchanged by a joint sign flip
-            a.lerp_(fa * sign, 1 - beta1)
-            b.lerp_(fb * sign, 1 - beta1)
-            grad_error = _outside_fraction(gm, s)
-        except LowRankFailure:
-            meta[1] += 1  # keep the factor EMAs as they are
-        meta[0] += 1
-        vc = codecs["exp_avg_sq"]
-        v = vc.decode(state, "exp_avg_sq", p)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bc1, bc2 = (1 - beta1**step) ** 2, 1 - beta2**step  # each factor EMA carries (1 - beta1^t)
-        mhat = (a @ b.t()).view(p.shape).div_(bc1)
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.addcdiv_(mhat, (v / bc2).sqrt_().add_(group["eps"]), value=-group["lr"])
-        self._encode(vc, state, "exp_avg_sq", v, self._salt(group, index, "exp_avg_sq", step), ws)
-        return {"grad_error": grad_error, "moment_error": None}
 
     # --------------------------------------------------------------------------------- diagnostics
     @torch.no_grad()
@@ -530,8 +389,8 @@ class LowRankAdam(CodecOptimizer):
                     "shape": tuple(p.shape), "strategy": kind, "rank": group["rank"],
                     "effective_rank": entropy_rank(sv) if sv is not None else None,
                     "numerical_rank": numerical_rank(sv) if sv is not None else None,
-                    "reconstruction_error": _float(diag.get("grad_error")),
-                    "moment_error": _float(diag.get("moment_error")),
+                    "reconstruction_error": as_float(diag.get("grad_error")),
+                    "moment_error": as_float(diag.get("moment_error")),
                     "svd_failures": failures, "refreshes": refreshes,
                 }  # fmt: skip
         return out
@@ -539,12 +398,12 @@ class LowRankAdam(CodecOptimizer):
     def _moment_spectrum(self, kind, state, group):
         if kind == "periodic":
             meta = state["proj.meta"]
-            return _svdvals(state["exp_avg"]), int(meta[1]), int(meta[0])
+            return svdvals(state["exp_avg"]), int(meta[1]), int(meta[0])
         if kind == "factor_ema":
             try:
                 ra = torch.linalg.qr(state["exp_avg.a"])[1]
                 rb = torch.linalg.qr(state["exp_avg.b"])[1]
-                sv = _svdvals(ra @ rb.t())
+                sv = svdvals(ra @ rb.t())
             except RuntimeError:
                 sv = None
             meta = state["exp_avg.meta"]
@@ -554,25 +413,3 @@ class LowRankAdam(CodecOptimizer):
         if group["v_storage"] == "lowrank":
             failures += int(state["exp_avg_sq.meta"][1])
         return self._m_codec(group).singular_values(state, "exp_avg"), failures, int(meta[0])
-
-
-def _svdvals(x: torch.Tensor) -> torch.Tensor | None:
-    try:
-        return torch.linalg.svdvals(x)
-    except RuntimeError:
-        return None
-
-
-def _outside_fraction(g: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-    """``sqrt(1 - ||coeffs||^2 / ||g||^2)``: the relative norm of ``g`` outside an orthonormal basis whose
-    coefficients (or the singular values it keeps) are ``coeffs``."""
-    g2 = g.square().sum()
-    c2 = coeffs.square().sum()
-    return torch.where(g2 > 0, (1 - c2 / g2.clamp_min(1e-38)).clamp_min(0).sqrt(), torch.zeros_like(g2))
-
-
-def _float(x) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
