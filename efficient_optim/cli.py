@@ -78,7 +78,7 @@ def _decompose(argv) -> int:
 COMMANDS = {
     "list": ("registered optimizers and whether each is installed", _list),
     "bench": ("compare optimizers on a small LM (see effopt bench --help)", _bench),
-    "suite": ("run a research protocol with verdicts: effopt suite {p1,p7,...} (see effopt suite --help)", _suite),
+    "suite": ("run a research protocol with verdicts: effopt suite {baselines,lr-sweep,...} (see effopt suite --list)", _suite),
     "report": ("rebuild report.md and plots from a run folder: effopt report DIR", _report),
     "characterize": ("why low-bit states fail and what fixes them (P2/P5/P6): effopt characterize [--quick]", _characterize),
     "decompose": ("where a hybrid optimizer's error comes from (P3): effopt decompose [...]", _decompose),

@@ -182,9 +182,9 @@ def test_specs_and_pareto_front():
         RunConfig(steps=0).validate()
 
 
-def test_the_p1_suite_runs_end_to_end_with_verdicts(corpus, tmp_path, capsys):
-    out = tmp_path / "p1"
-    rc = main(["suite", "p1", "--quick", "--data", str(corpus), "--steps", "3", "--layers", "1", "--width", "32",
+def test_the_baselines_suite_runs_end_to_end_with_verdicts(corpus, tmp_path, capsys):
+    out = tmp_path / "baselines"
+    rc = main(["suite", "baselines", "--quick", "--data", str(corpus), "--steps", "3", "--layers", "1", "--width", "32",
                "--heads", "2", "--context", "16", "--batch", "4", "--eval-every", "3", "--eval-batches", "1",
                "--out", str(out), "--no-progress"])  # fmt: skip
     assert rc == 0
@@ -196,7 +196,7 @@ def test_the_p1_suite_runs_end_to_end_with_verdicts(corpus, tmp_path, capsys):
     assert any(v["verdict"] == "indicative" for v in suite["verdicts"])
     sharp = [v for v in suite["verdicts"] if v["criterion"].startswith("sharpness")]
     assert sharp and all(v["verdict"] == "measured" for v in sharp)
-    assert "## Verdicts: P1. Baselines" in (out / "report.md").read_text()
+    assert "## Verdicts: Baselines (P1)" in (out / "report.md").read_text()
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0 and "Verdicts" in (out / "report.md").read_text()
 
@@ -220,9 +220,9 @@ def test_cli_errors_name_the_problem(argv, message, capsys):
 
 
 def test_the_p8_plan_covers_every_configuration_on_both_architectures():
-    from efficient_optim.bench.suite_p8 import A, B, C, D, E, P8SplitWeights
+    from efficient_optim.bench.protocols.weight_splitting import A, B, C, D, E, WeightSplitting
 
-    plan, _ = P8SplitWeights().plan(RunConfig(steps=10), 3, quick=False)
+    plan, _ = WeightSplitting().plan(RunConfig(steps=10), 3, quick=False)
     runs = {(c.optimizer, c.settings, c.model, c.param_dtype, c.grad_release) for c in plan}
     for spec in (A, B, C, E):
         assert (spec, "lm", "gpt2-tiny", "bfloat16", False) in runs

@@ -6,7 +6,7 @@ import pytest
 
 from efficient_optim.bench.lr_sweep_analysis import Point, compare, summarize_curve
 from efficient_optim.bench.options import UsageError
-from efficient_optim.bench.suite_lr_sweep import lr_grid
+from efficient_optim.bench.protocols.lr_sweep import lr_grid
 from efficient_optim.cli import main
 
 TINY = ["--layers", "1", "--width", "32", "--heads", "2", "--context", "16", "--batch", "4", "--eval-batches", "2",

@@ -7,7 +7,8 @@ import pytest
 from efficient_optim.analysis.plots import line_styles
 from efficient_optim.bench.config import RunConfig
 from efficient_optim.bench.report import build_report, group_runs, markdown_table, seed_spread, terminal_table
-from efficient_optim.bench.suites import INDICATIVE, MET, NOT_MET, P1Baselines, Verdict, indicative
+from efficient_optim.bench.protocols.base import INDICATIVE, MET, NOT_MET, Verdict, indicative
+from efficient_optim.bench.protocols.baselines import Baselines
 
 
 def _row(spec: str, seed: int, val: float, *, loaded: bool = False, step_ms: float = 20.0) -> dict:
@@ -83,14 +84,14 @@ def test_timing_measured_under_load_is_flagged(tmp_path):
     assert "not comparable" not in terminal_table(idle) and "*" not in terminal_table(idle).split("note:")[0]
 
 
-def test_steps_to_target_in_the_table_agree_with_the_p1_verdicts(tmp_path):
+def test_steps_to_target_in_the_table_agree_with_the_baselines_verdicts(tmp_path):
     evals = {"adamw": [(25, 30.0), (50, 20.0)], "qadamw8": [(25, 20.5), (50, 19.0)], "sgd": [(25, 40.0), (50, 35.0)]}
     losses = {"adamw": [3.0], "qadamw8": [2.9], "sgd": [3.5]}
     rows = fake_folder(tmp_path, losses, evals=evals)
     for r in rows:  # the final evaluation: target = 1.05 x adamw's final ppl
         r["val_ppl"] = evals[r["optimizer"]][-1][1]
         (tmp_path / r["run_id"] / "result.json").write_text(json.dumps(r))
-    suite = P1Baselines()
+    suite = Baselines()
     verdicts = {v.subject: v.measured for v in suite.verdicts(rows, tmp_path, RunConfig(steps=50)) if v.criterion.startswith("steps to")}
     assert verdicts == {"adamw": "50", "qadamw8": "25", "sgd": "never"}
     table = markdown_table(rows, tmp_path, suite.table_target(rows))
@@ -100,12 +101,12 @@ def test_steps_to_target_in_the_table_agree_with_the_p1_verdicts(tmp_path):
     assert "steps to" not in markdown_table(rows)  # no target, no column (no more "n/a" beside verdicts)
 
 
-def test_p1_labels_name_the_baseline_they_are_computed_against(tmp_path):
+def test_baselines_labels_name_the_baseline_they_are_computed_against(tmp_path):
     rows = fake_folder(tmp_path, {"adam": [3.0], "qadamw8": [2.9]})
-    crits = {v.criterion for v in P1Baselines().verdicts(rows, tmp_path, RunConfig(steps=50))}
+    crits = {v.criterion for v in Baselines().verdicts(rows, tmp_path, RunConfig(steps=50))}
     assert "optimizer memory >= 2x below adam" in crits and "wall-clock <= 1.2x adam" in crits
     rows = fake_folder(tmp_path / "w", {"adamw": [3.0], "qadamw8": [2.9]}, loaded=("qadamw8",))
-    vs = {v.criterion: v for v in P1Baselines().verdicts(rows, tmp_path / "w", RunConfig(steps=50))}
+    vs = {v.criterion: v for v in Baselines().verdicts(rows, tmp_path / "w", RunConfig(steps=50))}
     assert "wall-clock <= 1.2x adamw" in vs and "not comparable" in vs["wall-clock <= 1.2x adamw"].reason
     assert vs["< 2% perplexity degradation vs adamw"].verdict == INDICATIVE  # one seed: a hint
 

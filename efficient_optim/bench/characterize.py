@@ -1,7 +1,7 @@
 """``effopt characterize``: why low-bit optimizer states fail, and what fixes them (protocols P2, P5, P6).
 
-One command trains the tiny LM through the benchmark harness (``train_run``: resumable, measured) with a
-``StateProbe`` attached to every run, then writes ``report.md``, ``characterization.json`` and PNG figures:
+One command trains the tiny LM through the benchmark harness's runner (``runner.run_matrix`` / ``train_run``:
+resumable, measured) with a ``StateProbeCallback`` on every run (``bench.probe_callback``), then writes ``report.md``, ``characterization.json`` and PNG figures:
 
 - **core**: fp32 AdamW, QAdamW 8-bit, and *naive 4-bit* (linear maps — the v map has a zero level —,
   blocks of 2048, round-to-nearest);
@@ -27,22 +27,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import shlex
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
+from ..analysis.characterization import layer_depth, layer_group  # noqa: F401  (re-exported)
 from ..registry import list_optimizers, register_optimizer
+from .callbacks import Callback
 from .config import RunConfig
 from .metrics import write_json_atomic
 from .options import HelpFormatter, UsageError, add_run_options, base_config, output_folder
 from .preflight import preflight
-from .runner import collect_summary, load_plan
-from .train import ConfigMismatch, train_run
+from .probe_callback import StateProbeCallback
+from .runner import load_plan, run_matrix
 
 # ------------------------------------------------------------------------------------ configurations
 NAIVE = {"bits": 4, "m_map": "linear", "v_map": "linear", "m_block_size": 2048, "v_block_size": 2048, "rounding": "nearest"}
@@ -125,38 +125,6 @@ def configurations(quick: bool, base_lr: float) -> list[Entry]:
 
 
 # --------------------------------------------------------------------------------- layer groups
-_DEPTH = re.compile(r"\.(?:h|layers|layer|blocks)\.(\d+)\.")
-
-
-def layer_group(name: str) -> str:
-    """Coarse group of a parameter name: ``wte``/``wpe``/``embedding``, ``h.<i>.attn``, ``h.<i>.mlp``,
-    ``h.<i>.norm``, ``head``, ``norm`` or ``other``."""
-    m = _DEPTH.search(name)
-    low = name.lower()
-    if "attn" in low or "attention" in low:
-        kind = "attn"
-    elif "mlp" in low or "ffn" in low or "feed_forward" in low:
-        kind = "mlp"
-    elif "ln" in low or "norm" in low:
-        kind = "norm"
-    elif "wte" in low:
-        kind = "wte"
-    elif "wpe" in low:
-        kind = "wpe"
-    elif "embed" in low:
-        kind = "embedding"
-    elif "lm_head" in low or "head" in low:
-        kind = "head"
-    else:
-        kind = "other"
-    return f"h.{m.group(1)}.{kind}" if m else kind
-
-
-def layer_depth(name: str) -> int | None:
-    m = _DEPTH.search(name)
-    return int(m.group(1)) if m else None
-
-
 def _param_names(cfg: RunConfig) -> list[tuple[str, tuple]]:
     """Names and shapes of the trainable parameters of ``cfg``'s model, in ``model.parameters()`` order."""
     from .tasks import build_task
@@ -226,88 +194,33 @@ class ProbeSettings:
     sharpness_keys: tuple = ("fp32", "8bit", "default4", "zerofree", "all_fixes")
 
 
-def _sharpness_fn(cfg: RunConfig, named: list[tuple[str, torch.Tensor]], iters: int):
-    """Top Hessian eigenvalue of the training loss on one fixed batch, at the live parameters."""
-    from torch.func import functional_call
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+class _RunLine(Callback):
+    """Prints one line per finished run: its configuration, seed, result and wall time."""
 
-    from ..analysis.sharpness import hessian_top_eigenvalue
-    from .tasks import build_task
-    from .train import resolve_device
+    def __init__(self, label: str, log):
+        self.label, self.log, self.t0 = label, log, 0.0
 
-    device = named[0][1].device if named else resolve_device(cfg.device)
-    task = build_task(cfg, device)
-    twin = task.build_model().to(device=device, dtype=named[0][1].dtype)
-    batch = task.train_batch(torch.Generator().manual_seed(4321))
-    params = dict(named)
+    def on_run_start(self, ctx) -> None:
+        self.t0 = time.time()
 
-    def loss_fn():
-        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernel has no double backward
-            return task.loss(_Reparam(twin, params, functional_call), batch)
-
-    return lambda: hessian_top_eigenvalue(loss_fn, list(params.values()), iters=iters)
+    def on_run_end(self, ctx, result: dict) -> None:
+        status = (f"diverged at step {result['diverged_at_step']}" if result["diverged"]
+                  else f"val loss {result['final_val_loss']:.4f}")  # fmt: skip
+        self.log(f"  {self.label} (seed {ctx.cfg.seed}): {status} [{time.time() - self.t0:.0f} s]")
 
 
-class _Reparam:
-    """Calls ``twin`` with the live parameters (``task.loss(model, batch)`` calls ``model(x)``)."""
+def probe_callbacks(entries: dict[str, Entry], probe: ProbeSettings, log=print):
+    """``callbacks(cfg)`` for the runner: a ``StateProbeCallback`` on every run of the study (with sharpness for
+    ``probe.sharpness_keys``) and a line per finished run. ``entries``: configuration key -> entry."""
 
-    def __init__(self, twin, params, functional_call):
-        self.twin, self.params, self.call = twin, params, functional_call
+    def make(cfg: RunConfig) -> list[Callback]:
+        sharp = cfg.settings in probe.sharpness_keys
+        state = StateProbeCallback(every=probe.every, early=probe.early, lowrank_every=probe.lowrank_every,
+                                   sharpness_every=probe.sharpness_every if sharp else 0,
+                                   sharpness_iters=probe.sharpness_iters)  # fmt: skip
+        return [state, _RunLine(entries[cfg.settings].label, log)]
 
-    def __call__(self, *args, **kwargs):
-        return self.call(self.twin, self.params, args, kwargs)
-
-
-def train_probed(cfg: RunConfig, run_dir: Path, names: list[tuple[str, tuple]], probe: ProbeSettings,
-                 sharpness: bool, progress=None) -> dict:  # fmt: skip
-    """``train_run`` with a ``StateProbe`` attached to the run's optimizer (``run_dir/probes.jsonl``).
-
-    The harness builds the optimizer itself, so the probe is attached through torch's global optimizer
-    step hooks to the first optimizer that steps during this call; parameters are named by position.
-    """
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-    from ..analysis.probe import StateProbe
-
-    holder: dict = {}
-
-    def get_probe(opt):
-        if "probe" not in holder:
-            params = [p for g in opt.param_groups for p in g["params"]]
-            if len(params) == len(names) and all(tuple(p.shape) == s for p, (_, s) in zip(params, names)):
-                named = [(n, p) for (n, _), p in zip(names, params)]
-            else:
-                named = None
-            fn = _sharpness_fn(cfg, named, probe.sharpness_iters) if sharpness and named else None
-            holder["probe"] = StateProbe(
-                opt, named, path=run_dir / "probes.jsonl", every=probe.every, early=probe.early,
-                lowrank_every=probe.lowrank_every, sharpness_fn=fn,
-                sharpness_every=probe.sharpness_every if fn else 0, clip=cfg.clip if cfg.clip > 0 else None,
-            )  # fmt: skip
-        return holder["probe"] if holder["probe"].optimizer is opt else None
-
-    def pre(opt, args, kwargs):
-        p = get_probe(opt)
-        if p is not None:
-            p.pre_step()
-
-    def post(opt, args, kwargs):
-        p = holder.get("probe")
-        if p is not None and p.optimizer is opt:
-            p.post_step()
-
-    h1, h2 = register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)
-    try:
-        row = train_run(cfg, run_dir, progress=progress)
-    finally:
-        h1.remove()
-        h2.remove()
-    if "probe" in holder:
-        overhead = {"probe_overhead_s": holder["probe"].overhead_s}
-        path = run_dir / "probe_overhead.json"
-        old = json.loads(path.read_text()) if path.is_file() else {"probe_overhead_s": 0.0}
-        write_json_atomic(path, {"probe_overhead_s": old["probe_overhead_s"] + overhead["probe_overhead_s"]})
-    return row
+    return make
 
 
 # --------------------------------------------------------------------------------------- the study
@@ -344,38 +257,14 @@ def _merge_plan(out: Path, plan: list[tuple[Entry, RunConfig]], resume: bool) ->
     return plan
 
 
-def run_study(plan: list[tuple[Entry, RunConfig]], out: Path, names, probe: ProbeSettings, *, progress: bool = True,
+def run_study(plan: list[tuple[Entry, RunConfig]], out: Path, probe: ProbeSettings, *, progress: bool = True,
               command: str | None = None, log=print) -> dict:  # fmt: skip
-    """Train every planned run (skipping finished ones) with probes; a failing run is recorded, not fatal."""
-    todo = [(e, c) for e, c in plan if not (out / c.run_id / "result.json").is_file()]
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(c.steps for _, c in todo), unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
-    cfgs = [c for _, c in plan]
-    try:
-        for e, cfg in todo:
-            run_dir = out / cfg.run_id
-            (run_dir / "error.txt").unlink(missing_ok=True)
-            t0 = time.time()
-            try:
-                row = train_probed(cfg, run_dir, names, probe, e.key in probe.sharpness_keys, bar)
-                status = f"diverged at step {row['diverged_at_step']}" if row["diverged"] else f"val loss {row['final_val_loss']:.4f}"
-            except (KeyboardInterrupt, ConfigMismatch):
-                raise
-            except Exception:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "error.txt").write_text(traceback.format_exc())
-                status = "failed: " + traceback.format_exc().strip().splitlines()[-1]
-            log(f"  {e.label} (seed {cfg.seed}): {status} [{time.time() - t0:.0f} s]")
-            write_json_atomic(out / "summary.json", collect_summary(out, cfgs, command))
-    finally:
-        if bar is not None:
-            bar.close()
-    summary = collect_summary(out, cfgs, command)
-    write_json_atomic(out / "summary.json", summary)
-    return summary
+    """Train every planned run with probes through the harness's runner (``runner.run_matrix``: finished runs are
+    skipped, unfinished ones resume; a failing run is recorded, not fatal). ``plan.json`` and ``study.json`` must
+    be written first (``_merge_plan``)."""
+    entries = {e.key: e for e, _ in plan}
+    return run_matrix([c for _, c in plan], out, resume=True, progress=progress, command=command,
+                      callbacks=probe_callbacks(entries, probe, log))  # fmt: skip
 
 
 def _escalation(base: RunConfig, out: Path, plan) -> list[Entry]:
@@ -404,7 +293,7 @@ DEFAULTS = RunConfig(model="gpt2-tiny", layers=4, context=64, batch_size=16, ste
 QUICK = {"steps": 40, "eval_every": 20, "checkpoint_every": 20, "layers": 2, "width": 64, "heads": 2, "eval_batches": 4}  # argparse dests
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="effopt characterize", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a short version: smaller model, 40 steps, fewer configurations")
     ap.add_argument("--seeds", type=int, default=1, help="seeds of the core configurations (default 1; the ablations run seed 0)")
@@ -415,40 +304,34 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-every", type=int, default=None, help="probe every N steps (default 25; --quick 5)")
     ap.add_argument("--no-sharpness", action="store_true", help="skip the Hessian power iterations")
     ap.add_argument("--synthetic-steps", type=int, default=None,
-                    help="steps of the synthetic P5 sequence (default 2000; --quick 200; 0 skips it)")  # fmt: skip
+                    help="steps of the synthetic error-correction sequence (P5; default 2000; --quick 200; 0 skips it)")  # fmt: skip
     ap.add_argument("--only", default=None, help="comma-separated configuration keys to run (a key ending in * or : is a prefix), e.g. fp32,naive4,sens:")
     ap.add_argument("--report-only", action="store_true", help="rebuild report.md, plots and characterization.json from --out")
     add_run_options(ap, DEFAULTS)
-    args = ap.parse_args(argv)
-    argv_list = sys.argv[1:] if argv is None else list(argv)
-    from .characterize_report import write_report
+    return ap
 
-    if args.report_only:
-        if args.out is None or not (args.out / "study.json").is_file():
-            print("error: --report-only needs --out: a folder of effopt characterize", file=sys.stderr)
-            return 2
-        path = write_report(args.out)
-        print(f"wrote {path}")
-        return 0
-    try:
-        if args.quick:
-            for dest, value in QUICK.items():
-                flag = "--" + dest.replace("_", "-")
-                if not any(a == flag or a.startswith(flag + "=") for a in argv_list):
-                    setattr(args, dest, value)
-        base = base_config(args)
-        if args.log:
-            raise UsageError("--log is not supported by effopt characterize (its records are in each run's probes.jsonl)")
-        if base.grad_release:
-            raise UsageError("--grad-release steps parameters inside backward, around the optimizer's step hooks the "
-                             "probes use: characterize without it")  # fmt: skip
-        if args.seeds < 1:
-            raise UsageError("--seeds must be >= 1")
-        out = output_folder(args, "characterize")
-        preflight([base], out, resume=args.resume)  # device, model, data and --out, before the model is built
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def _base_config(args: argparse.Namespace, argv_list: list[str]) -> tuple[RunConfig, Path]:
+    """The study's base run and output folder (``--quick`` defaults applied); ``UsageError`` for bad input."""
+    if args.quick:
+        for dest, value in QUICK.items():
+            flag = "--" + dest.replace("_", "-")
+            if not any(a == flag or a.startswith(flag + "=") for a in argv_list):
+                setattr(args, dest, value)
+    base = base_config(args)
+    if args.log:
+        raise UsageError("--log is not supported by effopt characterize (its records are in each run's probes.jsonl)")
+    if base.grad_release:
+        raise UsageError("--grad-release steps parameters inside backward, where the probes, which run around "
+                         "optimizer.step(), cannot see them: characterize without it")  # fmt: skip
+    if args.seeds < 1:
+        raise UsageError("--seeds must be >= 1")
+    out = output_folder(args, "characterize")
+    preflight([base], out, resume=args.resume)  # device, model, data and --out, before the model is built
+    return base, out
+
+
+def _probe_settings(args: argparse.Namespace) -> ProbeSettings:
     probe = ProbeSettings(every=args.probe_every or (5 if args.quick else 25), early=5 if args.quick else 10,
                           lowrank_every=20 if args.quick else 100, sharpness_every=20 if args.quick else 100,
                           sharpness_iters=3 if args.quick else 10)  # fmt: skip
@@ -456,26 +339,56 @@ def main(argv=None) -> int:
         probe.sharpness_keys = ()
     if args.quick:
         probe.sharpness_keys = ("fp32",) if not args.no_sharpness else ()
-    names = _param_names(base)
+    return probe
+
+
+def _entries(args: argparse.Namespace, base: RunConfig) -> list[Entry]:
+    """The configurations to run: the study's, the sensitivity runs, filtered by ``--only`` (``UsageError`` if
+    nothing is left)."""
     entries = configurations(args.quick, base.lr)
     if not args.no_sensitivity:
-        sens = sensitivity_entries(names, args.sensitivity_preset)
-        if args.quick:
-            sens = sens[:3]
-        entries += sens
+        sens = sensitivity_entries(_param_names(base), args.sensitivity_preset)
+        entries += sens[:3] if args.quick else sens
     if args.only:
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
         entries = [e for e in entries if any(e.key == k or (k.endswith(("*", ":")) and e.key.startswith(k.rstrip("*")))
                                              for k in keys)]  # fmt: skip
         if not entries:
-            print(f"error: --only {args.only!r} matches no configuration", file=sys.stderr)
+            raise UsageError(f"--only {args.only!r} matches no configuration")
+    return entries
+
+
+def _synthetic(args: argparse.Namespace, out: Path) -> None:
+    """The synthetic error-correction experiment (``analysis.ema_error``), once per study folder."""
+    from ..analysis.ema_error import synthetic_ema_errors
+
+    path = out / "p5_synthetic.json"
+    steps = args.synthetic_steps if args.synthetic_steps is not None else (200 if args.quick else 2000)
+    if not path.is_file() and steps > 0:
+        print("P5 on a synthetic gradient sequence (error accumulation with and without correction)...", flush=True)
+        write_json_atomic(path, synthetic_ema_errors(steps=steps, numel=2048 if args.quick else 8192))
+
+
+def main(argv=None) -> int:
+    """``effopt characterize``: exit code 0, 1 (a run failed), 2 (bad input) or 130 (interrupted)."""
+    from .characterize_report import write_report
+
+    args = _parser().parse_args(argv)
+    argv_list = sys.argv[1:] if argv is None else list(argv)
+    if args.report_only:
+        if args.out is None or not (args.out / "study.json").is_file():
+            print("error: --report-only needs --out: a folder of effopt characterize", file=sys.stderr)
             return 2
+        print(f"wrote {write_report(args.out)}")
+        return 0
     command = "effopt characterize " + shlex.join(argv_list)
     try:
-        study = plan_study(base, entries, args.seeds)
+        base, out = _base_config(args, argv_list)
+        probe = _probe_settings(args)
+        study = plan_study(base, _entries(args, base), args.seeds)
         preflight([c for _, c in study], out, resume=args.resume)  # every configuration's optimizer spec
         plan = _merge_plan(out, study, args.resume)
-    except (FileExistsError, ValueError) as exc:
+    except (FileExistsError, ValueError) as exc:  # UsageError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     write_json_atomic(out / "study_base.json", {"base": base.to_dict(), "quick": args.quick, "seeds": args.seeds,
@@ -483,25 +396,16 @@ def main(argv=None) -> int:
                                                 "probe": dataclasses.asdict(probe), "command": command})  # fmt: skip
     print(f"effopt characterize: {len(plan)} runs, {base.steps} steps each ({base.model}, {base.layers or 'preset'} layers) -> {out}", flush=True)
     try:
-        run_study(plan, out, names, probe, progress=not args.no_progress, command=command)
+        run_study(plan, out, probe, progress=not args.no_progress, command=command)
         extra = _escalation(base, out, plan)
         if extra:
             print("naive 4-bit did not fail here: escalating (larger learning rate, more steps)", flush=True)
             plan = _merge_plan(out, plan + plan_study(base, extra, 1), True)
-            run_study(plan, out, names, probe, progress=not args.no_progress, command=command)
+            run_study(plan, out, probe, progress=not args.no_progress, command=command)
     except KeyboardInterrupt:
         print(f"\ninterrupted: continue with  effopt characterize ... --out {out} --resume", file=sys.stderr)
         return 130
-    synthetic = out / "p5_synthetic.json"
-    syn_steps = args.synthetic_steps if args.synthetic_steps is not None else (200 if args.quick else 2000)
-    if not synthetic.is_file() and syn_steps > 0:
-        from .characterize_report import p5_synthetic
-
-        print("P5 on a synthetic gradient sequence (error accumulation with and without correction)...", flush=True)
-        write_json_atomic(synthetic, p5_synthetic(steps=syn_steps, numel=2048 if args.quick else 8192))
-    path = write_report(out, redraw=False)
-    print(f"\nwrote {path}")
+    _synthetic(args, out)
+    print(f"\nwrote {write_report(out, redraw=False)}")
     summary = json.loads((out / "summary.json").read_text())
     return 1 if summary["errors"] else 0
-
-

@@ -8,8 +8,11 @@ float, bool (``true``/``false``) or left as strings.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
+
+from ..optimizer_specs import parse_spec, parse_value  # noqa: F401  (re-exported: bench.config.parse_spec)
 
 # Learning-rate multipliers against AdamW's for rules whose usual learning rate differs by an order of
 # magnitude (Lion: sign updates of size 1, so ~1/10 of AdamW's, with ~3-10x the weight decay, as its
@@ -21,33 +24,12 @@ WEIGHT_DECAY_SCALE = {"lion": 10.0, "lion8": 10.0, "lion_bnb_8bit": 10.0, "sgd":
 # gave a final val loss of 2.193 +- 0.005 over 3 seeds (the former 12-step warm-up: 2.394 +- 0.033).
 MAIN_JOB_LR = 3e-3
 MAIN_JOB_WARMUP = 75
-
-
-def parse_value(text: str):
-    """``"16"`` -> 16, ``"1e-3"`` -> 0.001, ``"true"`` -> True, anything else stays a string."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_spec(spec: str) -> tuple[str, dict]:
-    """``"qadamw4+m_map=softsign"`` -> ``("qadamw4", {"m_map": "softsign"})``; ``ValueError`` if malformed."""
-    name, *pairs = spec.strip().split("+")
-    if not name:
-        raise ValueError(f"empty optimizer name in spec {spec!r}")
-    kwargs = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"optimizer spec {spec!r}: setting {pair!r} must look like key=value")
-        key, value = pair.split("=", 1)
-        kwargs[key] = parse_value(value)
-    return name, kwargs
+# The held-out part of a corpus (its last 10 %): validation, and the test split carved from its end.
+HELD_OUT_FRACTION = 0.1
+DEFAULT_TEST_FRACTION = 0.05
+# A setting missing from a saved config.json / plan.json takes the value that reproduces what that folder's runs
+# did, not today's default: folders written before the test split existed evaluated on the whole held-out tail.
+LEGACY_VALUES = {"test_fraction": 0.0}
 
 
 def slug(text: str) -> str:
@@ -78,7 +60,12 @@ class RunConfig:
         clip: gradient-norm clipping threshold (``0`` disables). Default 1.0.
         eval_every: evaluate on validation every N steps (``0``: only at the end; ``None``, the default: five
             times per run, every ``steps // 5`` steps, so curves show validation and the cost stays ~5 %).
-        eval_batches: validation batches per evaluation (fixed, the same for every run). Default 16.
+        eval_batches: validation batches per evaluation (fixed, the same for every run); the test split is
+            evaluated on as many. Default 16.
+        test_fraction: the part of the data held out as the *test* split, evaluated once at the end of the run
+            and never used for a decision (default 0.05; ``0``: no test split). Text corpora: the last
+            ``test_fraction`` of the text; validation is the rest of the held-out last 10 % (train: the first
+            90 %, unchanged). Digits: as many samples, from the validation samples. Must be below 0.1.
         log_every: write a ``metrics.jsonl`` line every N steps. Default 10.
         checkpoint_every: save a resumable checkpoint every N steps (``0``: never). Default 100.
         target_ppl: report the first evaluated step whose validation perplexity is at or below this.
@@ -115,6 +102,7 @@ class RunConfig:
     clip: float = 1.0
     eval_every: int | None = None
     eval_batches: int = 16
+    test_fraction: float = DEFAULT_TEST_FRACTION
     log_every: int = 10
     checkpoint_every: int = 100
     target_ppl: float | None = None
@@ -141,6 +129,9 @@ class RunConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.clip < 0 or self.weight_decay < 0:
             raise ValueError("clip and weight_decay must be >= 0")
+        if not (isinstance(self.test_fraction, (int, float)) and 0 <= self.test_fraction < HELD_OUT_FRACTION):
+            raise ValueError(f"test_fraction must be in [0, {HELD_OUT_FRACTION}) (the test split is carved from the "
+                             f"held-out last {HELD_OUT_FRACTION:.0%} of the data), got {self.test_fraction!r}")
         if self.tokenizer not in ("bytes", "bpe"):
             raise ValueError(f"tokenizer must be 'bytes' or 'bpe', got {self.tokenizer!r}")
         if self.param_dtype not in ("float32", "bfloat16", "float16"):
@@ -168,11 +159,34 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
+        """The config saved as ``data`` (``to_dict``); a setting it lacks takes its ``LEGACY_VALUES`` value
+        (what runs did before the setting existed), else its default. ``ValueError`` for unknown settings."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown run settings: {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**{**{k: v for k, v in LEGACY_VALUES.items() if k not in data}, **data})
+
+    def lr_factor(self, step: int) -> float:
+        """The learning-rate multiplier at ``step`` (0-based): linear warm-up to 1 over ``warmup_steps`` (default
+        5 % of ``steps``, at least 1), then cosine decay to ``min_lr_ratio`` at ``steps``."""
+        warmup = self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, self.steps - warmup))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def build_task(self, device=None):
+        """The run's task (``bench.tasks``: data, model builder, batches, loss, evaluation), validated.
+
+        Args:
+            device: where batches go (default: ``self.device`` resolved: ``auto`` -> CUDA when available).
+        """
+        from .tasks import build_task
+        from .train import resolve_device
+
+        self.validate()
+        return build_task(self, resolve_device(self.device) if device is None else device)
 
     def optimizer_kwargs(self) -> tuple[str, dict]:
         """Registry name and keyword arguments: ``lr``/``weight_decay`` (scaled per rule) then the spec's."""

@@ -11,8 +11,10 @@ Corpora:
 
 Tokenizers: ``bytes`` (vocabulary 256) or a byte-level BPE trained with Hugging Face ``tokenizers`` on the
 training split, cached on disk under the corpus fingerprint and vocabulary size. Token arrays are cached
-as ``.npy`` files and memory-mapped. The train/validation split is by position (the last
-``val_fraction`` of the text is validation), so it is deterministic.
+as ``.npy`` files and memory-mapped. The splits are by position, so they are deterministic: the first 90 %
+of the text trains, the held-out last 10 % is validation, and with a ``test_fraction`` (the harness's
+default: 5 %) the last ``test_fraction`` of the text is a *test* split, carved from the held-out part (the
+training text, and so the tokenizer and every training batch, are the same with or without it).
 """
 
 from __future__ import annotations
@@ -155,6 +157,21 @@ def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+def split_held_out(held_out: str, held_out_fraction: float, test_fraction: float) -> tuple[str, str]:
+    """Validation and test text from the held-out tail: the last ``test_fraction`` of the corpus is test.
+
+    Args:
+        held_out: the held-out tail (the last ``held_out_fraction`` of the corpus: ``split_text``'s second part).
+        held_out_fraction: the fraction of the corpus ``held_out`` is (e.g. 0.1).
+        test_fraction: the fraction of the corpus to hold out as test, ``0 <= test_fraction < held_out_fraction``
+            (0: no test text).
+    """
+    if not 0 <= test_fraction < held_out_fraction:
+        raise ValueError(f"test_fraction must be in [0, {held_out_fraction}), got {test_fraction}")
+    cut = round(len(held_out) * (1 - test_fraction / held_out_fraction))
+    return held_out[:cut], held_out[cut:]
+
+
 def get_tokenizer(corpus: Corpus, vocab_size: int, val_fraction: float = 0.1):
     """A byte-level BPE tokenizer trained on the corpus' training split, cached on disk.
 
@@ -192,6 +209,7 @@ class TokenData:
         train, val: uint16/int32 token arrays (memory-mapped from the cache).
         vocab_size: size of the vocabulary (256 for ``bytes``).
         corpus: the corpus' name; fingerprint: its fingerprint.
+        test: the test split's tokens (``None`` without a test split).
     """
 
     train: np.ndarray
@@ -199,18 +217,33 @@ class TokenData:
     vocab_size: int
     corpus: str
     fingerprint: str
+    test: np.ndarray | None = None
 
 
-def token_data(corpus: Corpus, tokenizer: str = "bytes", vocab_size: int = 4096, val_fraction: float = 0.1) -> TokenData:
-    """Tokenize the corpus (``tokenizer`` = ``"bytes"`` or ``"bpe"``) into cached, memory-mapped arrays."""
+def token_data(corpus: Corpus, tokenizer: str = "bytes", vocab_size: int = 4096, val_fraction: float = 0.1,
+               test_fraction: float = 0.0) -> TokenData:  # fmt: skip
+    """Tokenize the corpus into cached, memory-mapped arrays.
+
+    Args:
+        corpus: the text.
+        tokenizer: ``"bytes"`` (default) or ``"bpe"`` (trained on the training split).
+        vocab_size: the BPE vocabulary size (default 4096; ``bytes`` has 256).
+        val_fraction: the held-out last part of the text (default 0.1): validation, and test if asked.
+        test_fraction: the last part of the text held out as the test split, out of ``val_fraction`` (default
+            0: none, the whole held-out part is validation).
+    """
     if tokenizer not in ("bytes", "bpe"):
         raise ValueError(f"tokenizer must be 'bytes' or 'bpe', got {tokenizer!r}")
     vocab = 256 if tokenizer == "bytes" else vocab_size
     key = f"{corpus.fingerprint}-{tokenizer}{vocab if tokenizer == 'bpe' else ''}-val{val_fraction}"
+    splits = ("train", "val")
+    if test_fraction:
+        key += f"-test{test_fraction}"
+        splits = ("train", "test", "val")
     folder = cache_dir() / "tokens" / key
-    arrays = {}
     if not (folder / "val.npy").is_file():
-        train_text, val_text = split_text(corpus.text, val_fraction)
+        train_text, held_out = split_text(corpus.text, val_fraction)
+        val_text, test_text = split_held_out(held_out, val_fraction, test_fraction)
         if tokenizer == "bytes":
             encode = lambda t: np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.uint16)  # noqa: E731
         else:
@@ -218,10 +251,10 @@ def token_data(corpus: Corpus, tokenizer: str = "bytes", vocab_size: int = 4096,
             dtype = np.uint16 if vocab <= 65535 else np.int32
             encode = lambda t: np.asarray(tok.encode(t).ids, dtype=dtype)  # noqa: E731
         folder.mkdir(parents=True, exist_ok=True)
-        for split, text in (("train", train_text), ("val", val_text)):
+        texts = {"train": train_text, "val": val_text, "test": test_text}
+        for split in splits:
             tmp = folder / f"{split}.tmp.npy"
-            np.save(tmp, encode(text))
+            np.save(tmp, encode(texts[split]))
             os.replace(tmp, folder / f"{split}.npy")  # val last: its presence marks a complete cache
-    for split in ("train", "val"):
-        arrays[split] = np.load(folder / f"{split}.npy", mmap_mode="r")
-    return TokenData(arrays["train"], arrays["val"], vocab, corpus.name, corpus.fingerprint)
+    arrays = {split: np.load(folder / f"{split}.npy", mmap_mode="r") for split in splits}
+    return TokenData(arrays["train"], arrays["val"], vocab, corpus.name, corpus.fingerprint, arrays.get("test"))

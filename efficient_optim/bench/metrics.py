@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_json_atomic  # noqa: F401  (re-exported: bench.metrics.write_json_atomic)
+
 CLEAR_REFS = Path("/proc/self/clear_refs")
 PROC_STATUS = Path("/proc/self/status")
 
@@ -140,10 +142,3 @@ def update_ratio(before: list[torch.Tensor], params: list[torch.Tensor]) -> floa
     num = sum(float((p.detach().float() - b.float()).pow(2).sum()) for p, b in zip(params, before))
     den = sum(float(b.float().pow(2).sum()) for b in before)
     return (num / den) ** 0.5 if den > 0 else 0.0
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON through a temporary file and ``os.replace``: readers never see a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
-    os.replace(tmp, path)

@@ -55,6 +55,10 @@ def add_run_options(ap: argparse.ArgumentParser, defaults: RunConfig) -> None:
     ap.add_argument("--clip", type=float, default=d.clip, help=f"gradient-norm clipping, 0 = off (default {d.clip})")
     ap.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps; 0 = at the end only (default: five times per run, every steps//5)")
     ap.add_argument("--eval-batches", type=int, default=d.eval_batches, help=f"validation batches per evaluation (default {d.eval_batches})")
+    ap.add_argument("--test-fraction", type=float, default=d.test_fraction,
+                    help=f"the last part of the data held out as the test split, evaluated once at the end of each run "
+                    f"(default {d.test_fraction}; 0 = none: validation is the whole held-out last 10%%, as before the "
+                    "test split existed)")  # fmt: skip
     ap.add_argument("--target-ppl", type=float, default=d.target_ppl, help="record the first evaluated step at or below this validation perplexity")
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"resumable checkpoint every N steps (default {d.checkpoint_every})")
     ap.add_argument("--device", default=d.device, help="cpu, cuda or auto (default auto)")
@@ -78,7 +82,7 @@ def base_config(args: argparse.Namespace) -> RunConfig:
                     context=args.context, tokenizer=args.tokenizer, vocab_size=args.vocab_size, steps=args.steps,
                     batch_size=args.batch, grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                     warmup_steps=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
-                    eval_every=args.eval_every, eval_batches=args.eval_batches, target_ppl=args.target_ppl,
+                    eval_every=args.eval_every, eval_batches=args.eval_batches, test_fraction=args.test_fraction, target_ppl=args.target_ppl,
                     checkpoint_every=args.checkpoint_every, device=args.device, param_dtype=args.param_dtype,
                     grad_release=args.grad_release)  # fmt: skip
     try:

@@ -45,7 +45,7 @@ def check_device(name: str) -> torch.device:
 
 def _task_key(cfg: RunConfig) -> tuple:
     return (cfg.model, cfg.layers, cfg.width, cfg.heads, cfg.context, cfg.data, cfg.tokenizer, cfg.vocab_size,
-            cfg.param_dtype)
+            cfg.param_dtype, cfg.test_fraction)
 
 
 def check_task(cfg: RunConfig) -> torch.nn.Module:
@@ -124,14 +124,19 @@ def check_output(out: Path, *, resume: bool = False, marker: str | None = "plan.
 
 
 def check_resume(plan: list[RunConfig], out: Path) -> None:
-    """``UsageError`` when a run of ``plan`` was planned in ``out`` with other settings (``--resume``)."""
-    from .runner import load_plan
+    """``UsageError`` when a run of ``plan`` was planned in ``out`` with other settings (``--resume``).
+
+    Only the settings ``plan.json`` holds are compared: a setting added since the folder was written keeps,
+    for the runs planned there, the value they ran with (``RunConfig.from_dict``).
+    """
+    import json
 
     if not (out / "plan.json").is_file():
         return
     try:
-        old = {c.run_id: c.to_dict() for c in load_plan(out)}
-    except (ValueError, KeyError) as exc:
+        stored = json.loads((out / "plan.json").read_text())["runs"]
+        old = {RunConfig.from_dict(d).run_id: d for d in stored}
+    except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{out / 'plan.json'} cannot be read ({exc}); choose another --out") from None
     for cfg in plan:
         before, new = old.get(cfg.run_id, {}), cfg.to_dict()

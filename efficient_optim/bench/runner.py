@@ -9,6 +9,10 @@ Layout of an output folder::
 ``resume=True`` skips finished runs and continues unfinished ones from their last checkpoint; without it a
 folder that already holds runs is refused (nothing is overwritten). A run that raises is recorded in
 ``summary.json["errors"]`` (and ``error.txt`` in its folder) and the matrix goes on.
+
+This is the one runner of the harness: ``effopt bench``, ``effopt suite`` (every protocol) and ``effopt
+characterize`` (with a ``StateProbeCallback`` per run) all run their plans through ``run_matrix``, and every run
+through ``train.train_run``, so they share one resume logic.
 """
 
 from __future__ import annotations
@@ -100,17 +104,19 @@ def load_plan(out: Path) -> list[RunConfig]:
 
 
 def run_matrix(plan: list[RunConfig], out: Path, *, resume: bool = False, log: tuple[str, ...] = (),
-               progress: bool = True, command: str | None = None, on_result=None) -> dict:  # fmt: skip
+               progress: bool = True, command: str | None = None, on_result=None, callbacks=None) -> dict:  # fmt: skip
     """Run ``plan`` into ``out`` and return the summary (also written to ``out/summary.json``).
 
     Args:
         plan: the runs (``plan_matrix``).
         out: the output folder.
-        resume: continue a folder that already holds runs (finished runs are skipped).
-        log: extra loggers: ``tensorboard`` and/or ``wandb`` (offline mode).
-        progress: show a progress bar (tqdm) on stderr.
-        command: the command line, recorded in the summary.
-        on_result: called with each run's row as it finishes (e.g. to print a line).
+        resume: continue a folder that already holds runs (finished runs are skipped; default False).
+        log: extra loggers: ``tensorboard`` and/or ``wandb`` (offline mode; default none).
+        progress: show a progress bar (tqdm) on stderr (default True).
+        command: the command line, recorded in the summary (default none).
+        on_result: called with each run's row as it finishes, e.g. to print a line (default none).
+        callbacks: ``callbacks(cfg) -> list[Callback]``, fresh ones for each run that trains (probes,
+            controllers; ``bench.callbacks``); default none.
     """
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
@@ -133,7 +139,8 @@ def run_matrix(plan: list[RunConfig], out: Path, *, resume: bool = False, log: t
             (run_dir / "error.txt").unlink(missing_ok=True)
             loggers, closers = _make_loggers(list(log), out, cfg)
             try:
-                row = train_run(cfg, run_dir, loggers=loggers, progress=bar)
+                extra = list(callbacks(cfg)) if callbacks is not None else []
+                row = train_run(cfg, run_dir, callbacks=extra, loggers=loggers, progress=bar)
             except (KeyboardInterrupt, ConfigMismatch):
                 raise
             except Exception:  # one broken run must not lose the matrix

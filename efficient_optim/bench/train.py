@@ -1,50 +1,50 @@
-"""The training loop of one benchmark run: resumable, measured, and honest about divergence.
+"""The training loop of one benchmark run: resumable, measured, honest about divergence, open to callbacks.
 
-``train_run(cfg, run_dir)`` trains ``cfg.model`` with ``cfg.optimizer`` and writes into ``run_dir``:
+``train_run(cfg, run_dir, callbacks=...)`` trains ``cfg.model`` with ``cfg.optimizer`` and writes into ``run_dir``:
 
 - ``config.json``: the settings (a resumed run must have the same ones);
 - ``metrics.jsonl``: a ``train`` line every ``log_every`` steps (loss, learning rate, gradient norm, whether
-  it was clipped, update-to-parameter ratio, step and optimizer times) and an ``eval`` line per evaluation;
+  it was clipped, update-to-parameter ratio, step and optimizer times), an ``eval`` line per validation
+  evaluation and, at the end, one ``test`` line (the held-out test split, ``RunConfig.test_fraction``);
 - ``checkpoint.pt`` every ``checkpoint_every`` steps (model, optimizer, schedule, batch-order generator,
-  RNG and the running statistics), removed once the run has finished;
+  RNG, the running statistics and every callback's state), removed once the run has finished;
 - ``result.json``: the run's row of ``summary.json`` (see ``docs/bench.md`` for every field).
 
-A run *diverges* when the loss is NaN/Inf or exceeds twice the first step's loss: it is recorded
-(``diverged: true``, ``diverged_at_step``) and stops; it does not crash the matrix.
+Probes, controllers and loggers attach as ``bench.callbacks.Callback`` objects (their hooks and the order
+they are called in: ``bench.callbacks``). A run *diverges* when the loss is NaN/Inf or exceeds twice the
+first step's loss: it is recorded (``diverged: true``, ``diverged_at_step``) and stops; it does not crash
+the matrix.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..optim.gradient_release import enable_gradient_release
-from ..profiling import state_bytes, training_bytes
 from ..registry import create_optimizer
+from .callbacks import CallbackList, LoggerCallback, RunContext
 from .config import RunConfig
 from .metrics import (
     MetricsLog,
     load_snapshot,
     load_summary,
-    mean_std,
-    median,
-    peak_rss_bytes,
-    quartiles,
     reset_peak_rss,
     tensor_bytes,
     update_ratio,
     write_json_atomic,
 )
+from .run_summary import SHARPNESS_SEED, final_sharpness, lowrank_summary, summary_row  # noqa: F401  (re-exported)
 from .tasks import build_task
 
 DIVERGENCE_FACTOR = 2.0
 TIMING_WARMUP_STEPS = 3  # first steps (kernel builds, allocator warm-up) are timed separately
-SHARPNESS_SEED = 4321  # the batch the final sharpness is measured on, the same for every run
 
 
 class ConfigMismatch(ValueError):
@@ -61,24 +61,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def lr_factor(step: int, cfg: RunConfig) -> float:
-    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``cfg.steps``."""
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 20)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``cfg.steps`` (``RunConfig.lr_factor``)."""
+    return cfg.lr_factor(step)
 
 
 def _check_config(run_dir: Path, cfg: RunConfig) -> None:
-    import json
-
     path = run_dir / "config.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        # a setting added after the folder was written reads as what that run did (RunConfig.from_dict)
+        old = RunConfig.from_dict(json.loads(path.read_text())).to_dict()
         new = cfg.to_dict()
-        # a setting added after the folder was written counts as unchanged while it keeps its default
-        defaults = RunConfig().to_dict()
-        old.update({k: defaults[k] for k in set(new) - set(old)})
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
@@ -95,93 +87,34 @@ def _set_optimizer_seed(opt: torch.optim.Optimizer, cfg: RunConfig, spec_kwargs:
                 group["seed"] = cfg.seed
 
 
-def _lowrank_summary(opt) -> dict:
-    """Mean/min effective rank and mean reconstruction error, for optimizers that expose ``lowrank_stats``."""
-    stats_fn = getattr(opt, "lowrank_stats", None)
-    if stats_fn is None:
-        return {}
-    stats = list(stats_fn().values())
-    if not stats:
-        return {}
-    out = {}
-    ranks = [s["effective_rank"] for s in stats if s.get("effective_rank") is not None]
-    errors = [s["reconstruction_error"] for s in stats if s.get("reconstruction_error") is not None]
-    if ranks:
-        out["effective_rank_mean"], out["effective_rank_min"] = sum(ranks) / len(ranks), min(ranks)
-    if errors:
-        out["reconstruction_error_mean"] = sum(errors) / len(errors)
-    failures = [s.get("svd_failures", 0) for s in stats]
-    out["svd_failures"] = int(sum(failures))
-    return out
+def _fresh_stats() -> dict:
+    return {"step": 0, "initial_loss": None, "losses": [], "grad_norms": [], "clipped": 0, "step_times": [],
+            "opt_times": [], "warmup_times": [], "update_ratios": [], "evals": [], "steps_to_target": None,
+            "diverged_at_step": None, "skipped_steps": 0, "resumed_from": []}  # fmt: skip
 
 
-def final_sharpness(task, model: torch.nn.Module, iters: int) -> dict:
-    """Top (most positive) Hessian eigenvalue of the training loss on one fixed batch, at the current parameters.
+@dataclass
+class _Loop:
+    """The run's pieces and the per-call state of the loop (what is not saved in the checkpoint)."""
 
-    Power iteration finds the eigenvalue of largest magnitude, which away from a minimum can be negative; then
-    a second pass on ``H + |λ| I`` (the loss plus ``|λ|/2 · ||θ - θ_now||²``, which has that Hessian) finds
-    the top positive curvature, the usual "sharpness".
+    ctx: RunContext
+    callbacks: CallbackList
+    params: list
+    release: object
+    generator: torch.Generator
+    log: MetricsLog
+    checkpoint: Path
+    autocast: object
+    grad_bytes: int = 0
+    since_log: list = field(default_factory=list)
 
-    Args:
-        task: the run's task (``bench.tasks``): draws the batch and computes the loss.
-        model: the trained model (left in the training mode it was in).
-        iters: power iterations per pass (``analysis.sharpness.hessian_top_eigenvalue``; each ~two backward passes).
-
-    Returns:
-        ``{"sharpness", "extreme_eigenvalue", "converged"}``.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from ..analysis.sharpness import hessian_top_eigenvalue
-
-    batch = task.train_batch(torch.Generator().manual_seed(SHARPNESS_SEED))
-    params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params]
-    was_training = model.training
-    model.eval()
-    try:
-        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernel has no double backward
-            first = hessian_top_eigenvalue(lambda: task.loss(model, batch), params, iters=iters)
-            if first["eigenvalue"] >= 0:
-                return {"sharpness": first["eigenvalue"], "extreme_eigenvalue": first["eigenvalue"], "converged": first["converged"]}
-            shift = -first["eigenvalue"]
-
-            def shifted():
-                return task.loss(model, batch) + 0.5 * shift * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-
-            second = hessian_top_eigenvalue(shifted, params, iters=iters)
-    finally:
-        model.train(was_training)
-    return {"sharpness": second["eigenvalue"] - shift, "extreme_eigenvalue": first["eigenvalue"],
-            "converged": first["converged"] and second["converged"]}  # fmt: skip
+    @property
+    def clip(self) -> float:
+        return self.ctx.cfg.clip if self.ctx.cfg.clip > 0 else float("inf")
 
 
-def _timing_fields(aux: dict, load: dict) -> dict:
-    """Step-time quartiles (after the timing warm-up) and the machine's load during the run."""
-    q1, _, q3 = quartiles(aux["step_times"])
-    return {"step_time_q1_ms": q1 * 1e3 if q1 is not None else None,
-            "step_time_q3_ms": q3 * 1e3 if q3 is not None else None, **load}  # fmt: skip
-
-
-def train_run(cfg: RunConfig, run_dir: Path, *, loggers=(), progress=None, interrupt_at: int | None = None) -> dict:
-    """Train one run (or resume it from ``run_dir/checkpoint.pt``) and return its summary row.
-
-    Args:
-        cfg: the run's settings.
-        run_dir: its folder (created). A finished run's ``result.json`` is returned as is.
-        loggers: callables ``log(step, metrics_dict)`` (TensorBoard, W&B); see ``bench.loggers``.
-        progress: an object with ``update(n)`` and ``set_postfix_str(s)`` (a tqdm bar), or ``None``.
-        interrupt_at: testing hook: raise ``KeyboardInterrupt`` after this many steps, as a user would.
-    """
-    import json
-
-    cfg.validate()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_config(run_dir, cfg)
-    result_path = run_dir / "result.json"
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
-
+def _setup(cfg: RunConfig, run_dir: Path, callbacks: CallbackList) -> _Loop:
+    """Build task, model, optimizer and schedule; resume them (and the callbacks' states) from a checkpoint."""
     device = resolve_device(cfg.device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     task = build_task(cfg, device)
@@ -193,162 +126,188 @@ def train_run(cfg: RunConfig, run_dir: Path, *, loggers=(), progress=None, inter
     release = enable_gradient_release(model, opt) if cfg.grad_release else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    ckpt_path = run_dir / "checkpoint.pt"
-
-    aux = {"step": 0, "initial_loss": None, "losses": [], "grad_norms": [], "clipped": 0, "step_times": [],
-           "opt_times": [], "warmup_times": [], "update_ratios": [], "evals": [], "steps_to_target": None,
-           "diverged_at_step": None, "skipped_steps": 0, "resumed_from": []}  # fmt: skip
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    ctx = RunContext(cfg, run_dir, device, task, model, opt, sched, _fresh_stats())
+    loop = _Loop(ctx, callbacks, params, release, gen, MetricsLog(run_dir / "metrics.jsonl"), run_dir / "checkpoint.pt", autocast)
+    if loop.checkpoint.is_file():
+        ckpt = torch.load(loop.checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         gen.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["rng"])
-        aux = json.loads(ckpt["aux"])
-        aux["resumed_from"].append(aux["step"])
-    log.truncate_after(aux["step"])
+        ctx.stats = json.loads(ckpt["aux"])
+        ctx.stats["resumed_from"].append(ctx.stats["step"])
+        callbacks.load_state_dict(ckpt.get("callbacks", {}))
+    loop.log.truncate_after(ctx.stats["step"])
+    return loop
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_reset = reset_peak_rss()
-    grad_bytes = 0
-    window = max(1, min(20, cfg.steps // 10))
-    since_log: list[float] = []
-    diverged = False
-    clip = cfg.clip if cfg.clip > 0 else float("inf")
-    eval_every = cfg.eval_interval
-    load_start = load_snapshot()
 
+def _save_checkpoint(loop: _Loop) -> None:
+    ctx = loop.ctx
+    ckpt = {"model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(), "scheduler": ctx.scheduler.state_dict(),
+            "generator": loop.generator.get_state(), "rng": torch.get_rng_state(), "aux": json.dumps(ctx.stats)}  # fmt: skip
+    if loop.callbacks:
+        ckpt["callbacks"] = loop.callbacks.state_dict()
+    tmp = loop.checkpoint.with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(loop.checkpoint)
+
+
+def _write(loop: _Loop, record: dict) -> None:
+    """A ``metrics.jsonl`` line, shown to the callbacks' ``on_log``."""
+    loop.log.write(record)
+    loop.callbacks.call("on_log", loop.ctx, record["step"], record)
+
+
+def _evaluate(loop: _Loop, step: int) -> dict:
+    """A validation evaluation at ``step``: logged, kept, shown to ``on_eval``, checked against the target."""
+    ctx = loop.ctx
+    ev = {"kind": "eval", "step": step, **ctx.task.evaluate(ctx.model, loop.autocast)}
+    ctx.stats["evals"].append(ev)
+    _write(loop, ev)
+    loop.callbacks.call("on_eval", ctx, step, ev)
+    if ctx.cfg.target_ppl and ctx.stats["steps_to_target"] is None and ev["val_ppl"] <= ctx.cfg.target_ppl:
+        ctx.stats["steps_to_target"] = step
+    return ev
+
+
+def _forward_backward(loop: _Loop) -> tuple[float, float]:
+    """The step's loss (summed over micro-batches) and the gradient norm before clipping (NaN with release)."""
+    cfg, task, model = loop.ctx.cfg, loop.ctx.task, loop.ctx.model
+    loss_value = 0.0
+    for _ in range(cfg.grad_accum):
+        with loop.autocast():
+            loss = task.loss(model, task.train_batch(loop.generator)) / cfg.grad_accum
+        loss.backward()
+        loss_value += loss.item()
+    if loop.release is not None:  # the parameters were stepped during backward; their gradients are gone
+        return loss_value, float("nan")
+    loop.grad_bytes = max(loop.grad_bytes, tensor_bytes(p.grad for p in loop.params))
+    return loss_value, float(torch.nn.utils.clip_grad_norm_(loop.params, loop.clip))
+
+
+def _optimizer_step(loop: _Loop, step: int) -> None:
+    ctx = loop.ctx
+    if loop.release is None:
+        loop.callbacks.call("on_before_optimizer_step", ctx, step)
+        ctx.optimizer.step()
+        loop.callbacks.call("on_after_optimizer_step", ctx, step)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+
+
+def _record_step(loop: _Loop, step: int, loss_value: float, grad_norm: float, step_s: float, opt_s: float) -> None:
+    """Keep the step's timings, loss and gradient norm in the running statistics."""
+    aux = loop.ctx.stats
+    first_step = aux["resumed_from"][-1] if aux["resumed_from"] else 0
+    if step - first_step < TIMING_WARMUP_STEPS:
+        aux["warmup_times"].append(step_s)
+    else:
+        aux["step_times"].append(step_s)
+        aux["opt_times"].append(opt_s)
+    window = max(1, min(20, loop.ctx.cfg.steps // 10))
+    aux["losses"] = (aux["losses"] + [loss_value])[-window:]
+    if loop.release is None:
+        aux["grad_norms"].append(grad_norm)
+        aux["clipped"] += int(grad_norm > loop.clip)
+    loop.since_log.append(loss_value)
+    aux["step"] = step + 1
+
+
+def _log_train(loop: _Loop, step: int, before: list, grad_norm: float, step_s: float, opt_s: float) -> None:
+    ratio = update_ratio(before, loop.params)
+    loop.ctx.stats["update_ratios"].append(ratio)
+    record = {"kind": "train", "step": step, "train_loss": sum(loop.since_log) / len(loop.since_log),
+              "lr": loop.ctx.scheduler.get_last_lr()[0], "grad_norm": grad_norm if loop.release is None else None,
+              "clipped": grad_norm > loop.clip,
+              "update_ratio": ratio, "step_time_ms": step_s * 1e3, "opt_time_ms": opt_s * 1e3}  # fmt: skip
+    record.update(lowrank_summary(loop.ctx.optimizer))
+    _write(loop, record)
+    loop.since_log = []
+
+
+def _train_steps(loop: _Loop, progress, interrupt_at: int | None) -> bool:
+    """Run the remaining steps; ``True`` when the run diverged."""
+    ctx, cfg, aux = loop.ctx, loop.ctx.cfg, loop.ctx.stats
     for step in range(aux["step"], cfg.steps):
         log_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
-        before = [p.detach().clone() for p in params] if log_step else None
+        before = [p.detach().clone() for p in loop.params] if log_step else None
         t0 = time.perf_counter()
-        loss_value = 0.0
-        for _ in range(cfg.grad_accum):
-            with autocast():
-                loss = task.loss(model, task.train_batch(gen)) / cfg.grad_accum
-            loss.backward()
-            loss_value += loss.item()
-        if release is None:
-            grad_bytes = max(grad_bytes, tensor_bytes(p.grad for p in params))
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        else:  # the parameters were stepped during backward; their gradients are gone
-            grad_norm = float("nan")
+        loss_value, grad_norm = _forward_backward(loop)
         if aux["initial_loss"] is None:
             aux["initial_loss"] = loss_value
         if not math.isfinite(loss_value) or loss_value > DIVERGENCE_FACTOR * aux["initial_loss"]:
-            diverged = True
             aux["diverged_at_step"] = step + 1
-            log.write({"kind": "diverged", "step": step + 1, "train_loss": loss_value if math.isfinite(loss_value) else None})
-            break
+            _write(loop, {"kind": "diverged", "step": step + 1, "train_loss": loss_value if math.isfinite(loss_value) else None})
+            return True
         t1 = time.perf_counter()
-        if release is None:
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _optimizer_step(loop, step + 1)
         t2 = time.perf_counter()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        ctx.scheduler.step()
+        ctx.optimizer.zero_grad(set_to_none=True)
         step_s, opt_s = time.perf_counter() - t0, t2 - t1
-        first_step = aux["resumed_from"][-1] if aux["resumed_from"] else 0
-        if step - first_step < TIMING_WARMUP_STEPS:
-            aux["warmup_times"].append(step_s)
-        else:
-            aux["step_times"].append(step_s)
-            aux["opt_times"].append(opt_s)
-        aux["losses"] = (aux["losses"] + [loss_value])[-window:]
-        if release is None:
-            aux["grad_norms"].append(grad_norm)
-            aux["clipped"] += int(grad_norm > clip)
-        since_log.append(loss_value)
-        aux["step"] = step + 1
-
+        _record_step(loop, step, loss_value, grad_norm, step_s, opt_s)
         if log_step:
-            ratio = update_ratio(before, params)
-            aux["update_ratios"].append(ratio)
-            record = {"kind": "train", "step": step + 1, "train_loss": sum(since_log) / len(since_log),
-                      "lr": sched.get_last_lr()[0], "grad_norm": grad_norm if release is None else None,
-                      "clipped": grad_norm > clip,
-                      "update_ratio": ratio, "step_time_ms": step_s * 1e3, "opt_time_ms": opt_s * 1e3}  # fmt: skip
-            record.update(_lowrank_summary(opt))
-            log.write(record)
-            for logger in loggers:
-                logger(step + 1, record)
-            since_log = []
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < cfg.steps:
-            ev = {"kind": "eval", "step": step + 1, **task.evaluate(model, autocast)}
-            aux["evals"].append(ev)
-            log.write(ev)
-            for logger in loggers:
-                logger(step + 1, ev)
-            if cfg.target_ppl and aux["steps_to_target"] is None and ev["val_ppl"] <= cfg.target_ppl:
-                aux["steps_to_target"] = step + 1
+            _log_train(loop, step + 1, before, grad_norm, step_s, opt_s)
+        loop.callbacks.call("on_step_end", ctx, step + 1, {"train_loss": loss_value, "lr": ctx.scheduler.get_last_lr()[0],
+                            "grad_norm": grad_norm if loop.release is None else None, "step_time_ms": step_s * 1e3})  # fmt: skip
+        if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.steps:
+            _evaluate(loop, step + 1)
         if progress is not None:
             progress.update(1)
             progress.set_postfix_str(f"{cfg.optimizer} s{cfg.seed} loss {loss_value:.3f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "generator": gen.get_state(), "rng": torch.get_rng_state(), "aux": json.dumps(aux)}  # fmt: skip
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save(ckpt, tmp)
-            tmp.replace(ckpt_path)
+            _save_checkpoint(loop)
         if interrupt_at is not None and step + 1 >= interrupt_at:
             raise KeyboardInterrupt(f"interrupted after step {step + 1} (testing hook)")
+    return False
 
+
+def _final_evaluations(loop: _Loop, diverged: bool) -> tuple[dict, dict]:
+    """The final validation evaluation and the test evaluation (``None`` values when diverged or no test split)."""
+    ctx = loop.ctx
+    if diverged:
+        return {"val_loss": None, "val_ppl": None}, {"test_loss": None, "test_ppl": None}
+    final = {k: v for k, v in _evaluate(loop, ctx.stats["step"]).items() if k not in ("kind", "step")}
+    if not ctx.task.has_test:
+        return final, {"test_loss": None, "test_ppl": None}
+    test = ctx.task.evaluate(ctx.model, loop.autocast, split="test")
+    _write(loop, {"kind": "test", "step": ctx.stats["step"], **test})
+    return final, test
+
+
+def train_run(cfg: RunConfig, run_dir: Path, *, callbacks=(), loggers=(), progress=None, interrupt_at: int | None = None) -> dict:
+    """Train one run (or resume it from ``run_dir/checkpoint.pt``) and return its summary row.
+
+    Args:
+        cfg: the run's settings.
+        run_dir: its folder (created). A finished run's ``result.json`` is returned as is.
+        callbacks: ``bench.callbacks.Callback`` objects (probes, controllers, loggers), called in this order
+            (default none).
+        loggers: callables ``log(step, record)`` given every ``metrics.jsonl`` line (TensorBoard, W&B;
+            ``bench.runner``); each becomes a ``LoggerCallback`` after ``callbacks`` (default none).
+        progress: an object with ``update(n)`` and ``set_postfix_str(s)`` (a tqdm bar), or ``None``.
+        interrupt_at: testing hook: raise ``KeyboardInterrupt`` after this many steps, as a user would.
+    """
+    cfg.validate()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_config(run_dir, cfg)
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    cbs = CallbackList([*callbacks, *(LoggerCallback(log) for log in loggers)])
+    loop = _setup(cfg, run_dir, cbs)
+    ctx = loop.ctx
+    cbs.call("on_run_start", ctx)
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    rss_reset = reset_peak_rss()
+    load_start = load_snapshot()
+    diverged = _train_steps(loop, progress, interrupt_at)
     load = load_summary(load_start, load_snapshot(), torch.get_num_threads())
-    final = task.evaluate(model, autocast) if not diverged else {"val_loss": None, "val_ppl": None}
-    if not diverged:
-        final_eval = {"kind": "eval", "step": aux["step"], **final}
-        log.write(final_eval)
-        aux["evals"].append(final_eval)
-        if cfg.target_ppl and aux["steps_to_target"] is None and final["val_ppl"] <= cfg.target_ppl:
-            aux["steps_to_target"] = aux["step"]
-    sbytes = state_bytes(opt)
-    pbytes = tensor_bytes(params)
-    tbytes = training_bytes(model, opt)
-    if release is not None:
-        grad_bytes = tbytes["grads"]  # the largest single gradient: the others are freed as they are stepped
-    step_ms = median(aux["step_times"])
-    gn_mean, gn_std = mean_std(aux["grad_norms"])
-    row = {
-        "run_id": cfg.run_id, "optimizer": cfg.optimizer, "seed": cfg.seed, "settings": cfg.settings, "model": cfg.model,
-        "data": cfg.data, "steps": aux["step"], "target_steps": cfg.steps,
-        "final_train_loss": sum(aux["losses"]) / len(aux["losses"]) if aux["losses"] else None,
-        "final_val_loss": final["val_loss"], "val_ppl": final["val_ppl"],
-        "state_bytes": sbytes, "num_params": sum(p.numel() for p in params),
-        "state_bytes_per_param": sbytes / max(1, sum(p.numel() for p in params)),
-        "param_bytes": pbytes, "grad_bytes": grad_bytes,
-        "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                              else pbytes + grad_bytes + sbytes),
-        "peak_memory_kind": "cuda_allocator" if device.type == "cuda" else "params+grads+states",
-        "correction_bytes": tbytes["corrections"], "param_dtype": cfg.param_dtype, "grad_release": cfg.grad_release,
-        "training_bytes_per_param": (pbytes + grad_bytes + sbytes) / max(1, sum(p.numel() for p in params)),
-        "peak_rss_bytes": peak_rss_bytes(), "peak_rss_is_per_run": rss_reset,
-        "step_time_ms": step_ms * 1e3 if step_ms else None,
-        "optimizer_step_time_ms": median(aux["opt_times"]) * 1e3 if aux["opt_times"] else None,
-        "warmup_time_s": sum(aux["warmup_times"]),
-        "tokens_per_s": task.items_per_batch * cfg.grad_accum / step_ms if step_ms else None,
-        "throughput_unit": task.unit,
-        "grad_norm_mean": gn_mean, "grad_norm_std": gn_std,
-        "clip_fraction": aux["clipped"] / max(1, len(aux["grad_norms"])),
-        "update_ratio_mean": mean_std(aux["update_ratios"])[0],
-        "steps_to_target": aux["steps_to_target"], "target_ppl": cfg.target_ppl,
-        "diverged": diverged, "diverged_at_step": aux["diverged_at_step"],
-        "initial_loss": aux["initial_loss"],
-        "skipped_steps": getattr(opt, "skipped_steps", 0),
-        "resumed_from_steps": aux["resumed_from"],
-        "device": str(device), "torch": torch.__version__, "host": platform.node(),
-    }  # fmt: skip
-    row.update(_timing_fields(aux, load))
-    if cfg.sharpness_iters and not diverged:
-        sharp = final_sharpness(task, model, cfg.sharpness_iters)
-        row.update(sharpness=sharp["sharpness"], hessian_extreme_eigenvalue=sharp["extreme_eigenvalue"],
-                   sharpness_converged=sharp["converged"])  # fmt: skip
-    if "val_accuracy" in final:
-        row["val_accuracy"] = final["val_accuracy"]
-    row.update(_lowrank_summary(opt))
+    final, test = _final_evaluations(loop, diverged)
+    row = summary_row(ctx, final, test, diverged=diverged, grad_bytes=loop.grad_bytes, rss_reset=rss_reset, load=load)
+    cbs.call("on_run_end", ctx, row)
     write_json_atomic(result_path, row)
-    ckpt_path.unlink(missing_ok=True)
+    loop.checkpoint.unlink(missing_ok=True)
     return row

@@ -1,4 +1,4 @@
-"""P8: split bf16 weights + error-correction bits, with fp32 / 8-bit / 4-bit momentum, vs fp32 AdamW.
+"""Weight splitting with compressed momentum (protocol P8): split bf16 weights + error-correction bits, with fp32 / 8-bit / 4-bit momentum, vs fp32 AdamW.
 
 Configurations (docs/protocols.md, P8), on the tiny GPT-2 LM and on the digits CNN:
 
@@ -17,10 +17,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .config import RunConfig
-from .report import Group, group_runs
-from .runner import plan_matrix
-from .suites import MET, NOT_MEASURABLE, NOT_MET, Suite, Verdict, _why_missing, available, register_suite
+from ..config import RunConfig
+from ..report import Group, group_runs
+from ..runner import plan_matrix
+from .base import MET, NOT_MEASURABLE, NOT_MET, Protocol, Verdict, available, why_missing
 
 A = "qadamw+bits=32+correction_bits=16"
 B = "qadamw+bits=8+correction_bits=16"
@@ -34,9 +34,13 @@ B_VARIANTS = ("qadamw+bits=8+correction_bits=8", "qadamw+bits=8+weight_rounding=
 CNN = {"model": "digits-cnn", "batch_size": 64, "context": None, "layers": None, "width": None, "heads": None}
 
 
-class P8SplitWeights(Suite):
-    name = "p8"
-    title = "P8. Weight splitting + compressed momentum"
+class WeightSplitting(Protocol):
+    """bf16 weights + correction bits with fp32 / 8-bit / 4-bit momentum against fp32 AdamW, on an LM and a CNN."""
+
+    name = "weight-splitting"
+    aliases = ("p8",)
+    protocol_id = "P8"
+    title = "Weight splitting + compressed momentum (P8)"
     # bf16 matrix products are several times slower than fp32 on CPUs without bf16 instructions: 200 steps
     defaults = RunConfig(steps=200, context=64, batch_size=16, lr=3e-3, eval_every=50)
     quick_steps = 40
@@ -48,7 +52,7 @@ class P8SplitWeights(Suite):
         if available("lowrank_adam"):
             specs.append(LOWRANK)
         else:
-            missing.append(Verdict("low-rank momentum", "lowrank_adam", "n/a", NOT_MEASURABLE, _why_missing("lowrank_adam")))
+            missing.append(Verdict("low-rank momentum", "lowrank_adam", "n/a", NOT_MEASURABLE, why_missing("lowrank_adam")))
         plan = []
         for label, model in (("lm", {}), ("cnn", CNN)):
             b = dataclasses.replace(base, **model)
@@ -107,4 +111,4 @@ class P8SplitWeights(Suite):
         return rows
 
 
-register_suite(P8SplitWeights())
+PROTOCOL = WeightSplitting()

@@ -23,14 +23,14 @@ import json
 import math
 from pathlib import Path
 
-from . import lr_sweep_report as words
-from .config import RunConfig
-from .lr_sweep_analysis import BASIN, analyse
-from .metrics import write_json_atomic
-from .options import UsageError, check_optimizers
-from .quick import QUICK
-from .runner import plan_matrix
-from .suites import INDICATIVE, MET, NOT_MEASURABLE, NOT_MET, Suite, Verdict, register_suite
+from .. import lr_sweep_report as words
+from ..config import RunConfig
+from ..lr_sweep_analysis import BASIN, analyse
+from ..metrics import write_json_atomic
+from ..options import UsageError, check_optimizers
+from ..quick import QUICK
+from ..runner import plan_matrix
+from .base import INDICATIVE, MET, NOT_MEASURABLE, NOT_MET, Protocol, Verdict
 
 DEFAULT_OPTIMIZERS = ("adamw", "qadamw8", "qadamw4", "hybrid_adam")
 QUICK_OPTIMIZERS = ("adamw", "adafactor")
@@ -64,7 +64,7 @@ def _floats(text: str | None, what: str, cast=float) -> list | None:
     return values
 
 
-class LrSweep(Suite):
+class LrSweep(Protocol):
     """Final val loss against peak lr per optimizer (and warm-up), over seeds."""
 
     name = "lr-sweep"
@@ -149,4 +149,4 @@ class LrSweep(Suite):
         return [words.findings_markdown(data), words.points_markdown(data), "![lr_sweep](lr_sweep.png)\n"]
 
 
-register_suite(LrSweep())
+PROTOCOL = LrSweep()
