@@ -3,6 +3,7 @@
 import builtins
 import re
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -114,3 +115,36 @@ def test_a_folder_is_refused_when_a_file_it_reads_is_binary(tmp_path):
     (tmp_path / "b.md").write_bytes(b"PK\x03\x04\x00\x00")
     with pytest.raises(ValueError, match=re.escape(f"data file {tmp_path / 'b.md'} is not text")):
         data.local_corpus(tmp_path)
+
+
+def test_the_test_split_is_carved_from_the_held_out_tail_and_leaves_training_alone(tmp_cache):
+    corpus = data.Corpus("t", "".join(f"line {i}: some text\n" for i in range(500)))
+    before = data.token_data(corpus, "bytes")  # no test split: the whole held-out 10 % is validation
+    split = data.token_data(corpus, "bytes", test_fraction=0.05)
+    assert np.array_equal(split.train, before.train)  # training data (and batches) are the same
+    assert np.array_equal(np.concatenate([split.val, split.test]), before.val)
+    assert len(split.val) == round(len(before.val) / 2) and before.test is None
+    assert bytes(split.test[-6:].astype(np.uint8)) == corpus.text[-6:].encode()  # the test text is the corpus' end
+    assert data.split_held_out("abcdefghij", 0.1, 0.03) == ("abcdefg", "hij")
+    with pytest.raises(ValueError, match="test_fraction"):
+        data.split_held_out("abc", 0.1, 0.1)
+
+
+def test_tasks_evaluate_the_test_split_apart_from_validation(corpus):
+    import torch
+
+    from efficient_optim.bench.config import RunConfig
+    from efficient_optim.bench.tasks import build_task
+
+    cfg = RunConfig(data=str(corpus), layers=1, width=32, heads=2, context=16, batch_size=4, eval_batches=2, device="cpu")
+    task = build_task(cfg, torch.device("cpu"))
+    model = task.build_model()
+    val, test = task.evaluate(model, nullcontext), task.evaluate(model, nullcontext, split="test")
+    assert set(val) == {"val_loss", "val_ppl"} and set(test) == {"test_loss", "test_ppl"}
+    assert val["val_loss"] != test["test_loss"] and test["test_ppl"] == pytest.approx(np.exp(test["test_loss"]))
+    none = build_task(RunConfig(**{**cfg.to_dict(), "test_fraction": 0.0}), torch.device("cpu"))
+    assert not none.has_test and len(none.val) == len(task.val) + len(task.test)
+    with pytest.raises(ValueError, match="no test split"):
+        none.evaluate(model, nullcontext, split="test")
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        RunConfig(test_fraction=0.2).validate()

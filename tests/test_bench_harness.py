@@ -105,6 +105,38 @@ def test_a_folder_written_before_a_setting_existed_still_resumes(corpus, tmp_pat
         train_run(dataclasses.replace(cfg, sharpness_iters=3), tmp_path / "r")
 
 
+def test_each_run_ends_with_a_test_evaluation_that_changes_nothing_else(corpus, tmp_path):
+    cfg = tiny(corpus, steps=6, checkpoint_every=0)
+    row = train_run(cfg, tmp_path / "t")
+    assert row["test_loss"] > 0 and row["test_ppl"] == pytest.approx(2.718281828 ** row["test_loss"])
+    assert row["test_fraction"] == 0.05 and row["test_loss"] != row["final_val_loss"]
+    lines = train_lines(tmp_path / "t")
+    assert lines[-1] == {"kind": "test", "step": 6, "test_loss": row["test_loss"], "test_ppl": row["test_ppl"]}
+    none = train_run(dataclasses.replace(cfg, test_fraction=0.0), tmp_path / "n")
+    assert none["test_loss"] is None and "test" not in {r["kind"] for r in train_lines(tmp_path / "n")}
+    # the test split comes out of the held-out part only: training is the same with or without it
+    assert none["final_train_loss"] == row["final_train_loss"] and none["state_bytes"] == row["state_bytes"]
+    assert none["final_val_loss"] != row["final_val_loss"]  # validation is the held-out part minus the test split
+
+
+def test_a_folder_written_before_the_test_split_resumes_without_one(corpus, tmp_path):
+    from efficient_optim.bench.preflight import check_resume
+
+    out = tmp_path / "m"
+    old = plan_matrix(tiny(corpus, steps=6, test_fraction=0.0), ["adamw"], 1)[0]
+    with pytest.raises(KeyboardInterrupt):
+        train_run(old, out / old.run_id, interrupt_at=5)
+    stored = {k: v for k, v in old.to_dict().items() if k != "test_fraction"}  # as the harness wrote it before
+    (out / "plan.json").write_text(json.dumps({"runs": [stored]}))
+    (out / old.run_id / "config.json").write_text(json.dumps(stored))
+    new = plan_matrix(tiny(corpus, steps=6), ["adamw"], 1)  # today's default has a test split
+    with pytest.raises(ConfigMismatch, match="test_fraction: 0.0 -> 0.05"):
+        train_run(new[0], out / new[0].run_id)  # a run that started without one does not switch mid-way
+    check_resume(new, out)  # --resume with today's options is accepted ...
+    row = run_matrix(new, out, resume=True, progress=False)["runs"][0]
+    assert row["resumed_from_steps"] == [4] and row["test_loss"] is None  # ... and the run continues as it began
+
+
 def test_a_diverging_run_is_recorded_not_crashed(corpus, tmp_path):
     class Blowup(torch.optim.SGD):
         def step(self, closure=None):
@@ -164,6 +196,7 @@ def test_the_digits_cnn_trains_as_a_second_architecture(tmp_path):
     row = train_run(RunConfig(model="digits-cnn", optimizer="qadamw8", steps=30, batch_size=32, lr=3e-3,
                               device="cpu", checkpoint_every=0), tmp_path / "cnn")  # fmt: skip
     assert row["val_accuracy"] > 0.3 and row["throughput_unit"] == "samples"
+    assert 0 <= row["test_accuracy"] <= 1 and row["test_loss"] > 0  # the test samples are apart from validation
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -197,8 +230,12 @@ def test_the_baselines_suite_runs_end_to_end_with_verdicts(corpus, tmp_path, cap
     sharp = [v for v in suite["verdicts"] if v["criterion"].startswith("sharpness")]
     assert sharp and all(v["verdict"] == "measured" for v in sharp)
     assert "## Verdicts: Baselines (P1)" in (out / "report.md").read_text()
+    assert suite["suite"] == "baselines" and "test loss" in (out / "report.md").read_text()
+    suite["suite"] = "p1"  # a folder written when suites were named by protocol id still rebuilds
+    (out / "suite.json").write_text(json.dumps(suite))
     (out / "report.md").unlink()
-    assert main(["report", str(out)]) == 0 and "Verdicts" in (out / "report.md").read_text()
+    assert main(["report", str(out)]) == 0 and "## Verdicts: Baselines (P1)" in (out / "report.md").read_text()
+    assert "test ppl" in capsys.readouterr().out  # the terminal table
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,9 @@ import pytest
 
 from efficient_optim.analysis.plots import line_styles
 from efficient_optim.bench.config import RunConfig
-from efficient_optim.bench.report import build_report, group_runs, markdown_table, seed_spread, terminal_table
 from efficient_optim.bench.protocols.base import INDICATIVE, MET, NOT_MET, Verdict, indicative
 from efficient_optim.bench.protocols.baselines import Baselines
+from efficient_optim.bench.report import build_report, group_runs, markdown_table, seed_spread, terminal_table
 
 
 def _row(spec: str, seed: int, val: float, *, loaded: bool = False, step_ms: float = 20.0) -> dict:

@@ -110,7 +110,8 @@ def _main(argv, chatter: ChatterLog) -> int:
         if row["diverged"]:
             tqdm.write(f"  {row['optimizer']:28s} seed {row['seed']}: DIVERGED at step {row['diverged_at_step']}", file=sys.stdout)
             return
-        tqdm.write(f"  {row['optimizer']:28s} seed {row['seed']}: train {row['final_train_loss']:.4f} val {row['final_val_loss']:.4f}  "
+        test = f" test {row['test_loss']:.4f}" if row.get("test_loss") is not None else ""
+        tqdm.write(f"  {row['optimizer']:28s} seed {row['seed']}: train {row['final_train_loss']:.4f} val {row['final_val_loss']:.4f}{test}  "
                    f"{row['state_bytes']:,} state bytes  {row['step_time_ms'] or 0:.1f} ms/step", file=sys.stdout)  # fmt: skip
 
     try:

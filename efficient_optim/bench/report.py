@@ -146,6 +146,7 @@ def table_rows(groups: list[Group], out: Path | None = None, target_ppl: float |
             "label": g.label, "seeds": len(g.rows), "diverged": len(g.rows) - len(g.ok), "ok": len(g.ok),
             "val_loss": val, "val_loss_std": g.spread("final_val_loss"), "val_ppl": ppl,
             "train_loss": g.stat("final_train_loss")[0],
+            "test_loss": g.stat("test_loss")[0], "test_loss_std": g.spread("test_loss"), "test_ppl": g.stat("test_ppl")[0],
             "state_bytes": sbytes, "bytes_per_param": g.stat("state_bytes_per_param")[0],
             "peak_memory_bytes": g.stat("peak_memory_bytes")[0],
             "step_time_ms": step, "step_time_q1_ms": q1, "step_time_q3_ms": q3, "timing_loaded": g.timing_loaded,
@@ -193,6 +194,17 @@ def _val_text(r: dict, pm: str) -> str:
     return f"{r['val_loss']:.4f}" + (f" {pm} {r['val_loss_std']:.4f}" if r["val_loss_std"] is not None else "")
 
 
+def _test_text(r: dict, pm: str) -> str:
+    """Mean test loss, with ``± std`` only over two or more seeds (``n/a`` without a test split)."""
+    if r["test_loss"] is None:
+        return "n/a" if r["val_loss"] is not None else "diverged"
+    return f"{r['test_loss']:.4f}" + (f" {pm} {r['test_loss_std']:.4f}" if r["test_loss_std"] is not None else "")
+
+
+def _has_test(rows: list[dict]) -> bool:
+    return any(r["test_loss"] is not None for r in rows)
+
+
 def _spread_text(r: dict) -> str:
     return {"unknown": "unknown (1 seed)", "within": "within", "beyond": "beyond", "baseline": "-"}.get(r["spread"], "n/a")
 
@@ -213,6 +225,11 @@ def notes(runs: list[dict], rows: list[dict]) -> list[str]:
         out.append(f"Values are means over seeds, ± the sample standard deviation. A gap to AdamW is 'within' the seed "
                    f"spread measured here when it is at most {SPREAD_SE:g} standard errors of the difference of the "
                    "means (sqrt(sd1²/n1 + sd2²/n2)); 'beyond' otherwise.")  # fmt: skip
+    fractions = sorted({r.get("test_fraction") for r in runs if r.get("test_loss") is not None})
+    if fractions:
+        out.append(f"Test loss and perplexity: the held-out test split ({', '.join(f'{f:.0%}' for f in fractions)} of the "
+                   "data, apart from the validation split), evaluated once at the end of each run and never used "
+                   "for a decision; validation loss is what targets and comparisons here are judged on.")  # fmt: skip
     out += _timing_notes(runs)
     small = [r for r in runs if r.get("num_params") and r["num_params"] < SMALL_MODEL_PARAMS]
     if small and any((r.get("state_bytes_per_param") or 8) < 7.9 for r in small):
@@ -245,15 +262,18 @@ def terminal_table(runs: list[dict]) -> str:
     """The table ``effopt bench`` prints: one line per optimizer, then the notes that qualify it."""
     rows = table_rows(group_runs(runs))
     width = max([len(r["label"]) for r in rows] + [9])
+    test = _has_test(rows)
     head = (f"{'optimizer':{width}s} {'seeds':>5s} {'val loss':>17s} {'vs AdamW':>9s} {'seed spread':>16s} "
-            f"{'state MiB':>9s} {'B/param':>7s} {'x smaller':>9s} {'step ms':>8s} {'x AdamW':>7s}")  # fmt: skip
+            + (f"{'test loss':>17s} {'test ppl':>9s} " if test else "")
+            + f"{'state MiB':>9s} {'B/param':>7s} {'x smaller':>9s} {'step ms':>8s} {'x AdamW':>7s}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
         seeds = f"{r['ok']}/{r['seeds']}" if r["diverged"] else str(r["seeds"])
         gap = "n/a" if r["val_loss_gap"] is None else f"{r['val_loss_gap']:+.2f}%"
         lines.append(
             f"{r['label']:{width}s} {seeds:>5s} {_val_text(r, '+-'):>17s} {gap:>9s} {_spread_text(r):>16s} "
-            f"{_mib(r['state_bytes']):>9s} {_fmt(r['bytes_per_param'], '.3f'):>7s} {_fmt(r['state_ratio'], '.2f'):>9s} "
+            + (f"{_test_text(r, '+-'):>17s} {_fmt(r['test_ppl'], '.3f'):>9s} " if test else "")
+            + f"{_mib(r['state_bytes']):>9s} {_fmt(r['bytes_per_param'], '.3f'):>7s} {_fmt(r['state_ratio'], '.2f'):>9s} "
             f"{_step_text(r):>8s} {_fmt(r['step_time_ratio'], '.2f'):>7s}"
         )  # fmt: skip
     return "\n".join(lines + [""] + [f"note: {n}" for n in notes(runs, rows)])
@@ -263,7 +283,9 @@ def markdown_table(runs: list[dict], out: Path | None = None, target_ppl: float 
     """report.md's table; a steps-to-target column only when there is a target (see ``table_rows``)."""
     target = target_of(runs, target_ppl)
     rows = table_rows(group_runs(runs), out, target)
-    cols = ["optimizer", "seeds ok", "final val loss", "vs AdamW", "vs seed spread", "val ppl", "train loss",
+    test = _has_test(rows)
+    cols = ["optimizer", "seeds ok", "final val loss", "vs AdamW", "vs seed spread", "val ppl",
+            *(("test loss", "test ppl") if test else ()), "train loss",
             "state bytes", "B/param", "x smaller state", "peak memory MiB", "step ms (median)", "step ms IQR",
             "x AdamW time", "opt step ms", "tokens/s"]  # fmt: skip
     if any(r["sharpness"] is not None for r in rows):
@@ -275,7 +297,7 @@ def markdown_table(runs: list[dict], out: Path | None = None, target_ppl: float 
         gap = "n/a" if r["val_loss_gap"] is None else f"{r['val_loss_gap']:+.2f}%"
         iqr = "n/a" if r["step_time_q1_ms"] is None else f"{r['step_time_q1_ms']:.1f}–{r['step_time_q3_ms']:.1f}"
         cells = [r["label"], f"{r['ok']}/{r['seeds']}", _val_text(r, "±"), gap, _spread_text(r), _fmt(r["val_ppl"], ".3f"),
-                 _fmt(r["train_loss"]), _fmt(r["state_bytes"], ",.0f"), _fmt(r["bytes_per_param"], ".3f"),
+                 *((_test_text(r, "±"), _fmt(r["test_ppl"], ".3f")) if test else ()), _fmt(r["train_loss"]), _fmt(r["state_bytes"], ",.0f"), _fmt(r["bytes_per_param"], ".3f"),
                  _fmt(r["state_ratio"], ".2f"), _mib(r["peak_memory_bytes"]), _step_text(r), iqr,
                  _fmt(r["step_time_ratio"], ".2f"), _fmt(r["optimizer_step_time_ms"], ".2f"), _fmt(r["tokens_per_s"], ",.0f")]  # fmt: skip
         if "sharpness" in cols:
