@@ -172,7 +172,9 @@ class AdamW(CodecOptimizer):
                 state = self._init_or_check_state(p, group, codecs, index)
                 state["step"] += 1
                 mc, vc = codecs["exp_avg"], codecs["exp_avg_sq"]
-                if mc.is_dense_fp32 and vc.is_dense_fp32 and dense.accepts(p, g):
+                if p in self._monitor:
+                    self._reference_step(group, index, p, g, state, codecs)
+                elif mc.is_dense_fp32 and vc.is_dense_fp32 and dense.accepts(p, g):
                     dense.add(p, g, state["exp_avg"], state["exp_avg_sq"], state["step"])
                 elif group.get("fused") is False or not fused_adam_step(self.rule, p, g, state, mc, vc,
                                                                       self._adam_step(group, index, state)):
@@ -198,6 +200,7 @@ class AdamW(CodecOptimizer):
                       weight_decay=group["weight_decay"])  # fmt: skip
         if pw is not p:
             p.copy_(pw)
+        self._observe(index, p, group, {"exp_avg": m, "exp_avg_sq": v})
         for name, value in (("exp_avg", m), ("exp_avg_sq", v)):
             codecs[name].encode(state, name, value, salt=self._salt(group, index, name, step))
 

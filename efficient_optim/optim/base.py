@@ -70,6 +70,7 @@ class CodecOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._release = None  # the GradientRelease handle while gradient release is on
         self._plans: dict[torch.Tensor, Plan] = {}
+        self._monitor: set = set()  # parameters whose exact state values go to the policy at the next step
         if policy is not None and not isinstance(policy, Policy):
             raise ValueError(f"invalid policy: {policy!r} (an efficient_optim.policy.Policy, e.g. ByName(...))")
         self.policy = policy if policy is not None else Policy()
@@ -80,6 +81,7 @@ class CodecOptimizer(torch.optim.Optimizer):
         if self.policy.needs_names and any(g.get("param_names") is None for g in self.param_groups):
             raise ValueError(f"{type(self).__name__}: policy {self.policy!r} chooses by parameter name; pass "
                              "model.named_parameters() (or groups with (name, parameter) pairs), not parameters()")  # fmt: skip
+        self.policy.bind(self)
 
     # --------------------------------------------------------------------------------- subclass API
     @abstractmethod
@@ -136,6 +138,15 @@ class CodecOptimizer(torch.optim.Optimizer):
         transcode(self, param, group, index, plan, new)
         plan.specs.update(specs)
 
+    def request_error_stats(self, params) -> None:
+        """At the next step, hand the policy (``Policy.observe``) the exact values of these parameters' states
+        before they are encoded (they take the reference path for that step)."""
+        self._monitor = set(params)
+
+    def _observe(self, index: int, param: torch.Tensor, group: dict, values: dict) -> None:
+        if param in self._monitor:
+            self.policy.observe(self, index, param, group, values)
+
     def _replan(self) -> None:
         """Apply the changes a dynamic policy asks for before this step."""
         if self.policy.dynamic:
@@ -180,6 +191,7 @@ class CodecOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("_release", None)
         self.__dict__.setdefault("_plans", {})
+        self.__dict__.setdefault("_monitor", set())
         self.__dict__.setdefault("policy", Policy())
 
     # -------------------------------------------------------------------------------- the step
@@ -201,6 +213,7 @@ class CodecOptimizer(torch.optim.Optimizer):
             self._replan()
             with float_learning_rates(self.param_groups):
                 self._apply(work)
+            self._monitor = set()
         return loss
 
     def _apply(self, work: list) -> None:

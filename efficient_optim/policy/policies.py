@@ -9,6 +9,7 @@ plans between steps (``replan``); the optimizer then transcodes each changed sta
 
 - ``Policy``: the base, and the static policy: the optimizer's settings decide (today's behaviour).
 - ``ByName``: per-parameter overrides by regular expression on the parameter's name.
+- ``ByIndex``: per-parameter overrides by position (for plain ``parameters()``).
 - ``Schedule``: a policy per step range (e.g. 8-bit for the first 1000 steps, then 4-bit).
 """
 
@@ -78,6 +79,14 @@ class Policy:
         """State name -> spec for the parameter ``info``; ``defaults`` are the optimizer settings' specs."""
         return dict(defaults)
 
+    def bind(self, optimizer) -> None:
+        """Called once by the optimizer when it is built (its param groups exist): a policy that plans the whole
+        model at once (``Budget``) sizes it here."""
+
+    def observe(self, optimizer, index: int, param: torch.Tensor, group: dict, values: dict) -> None:
+        """Receives one step's exact state values (before encoding) of a parameter the policy asked to watch
+        (``optimizer.request_error_stats``)."""
+
     def replan(self, optimizer) -> list[tuple[torch.Tensor, dict]]:
         """Changes to apply before the next step: ``[(param, {state name: spec}), ...]`` (dynamic policies)."""
         return []
@@ -136,6 +145,37 @@ class ByName(Policy):
     def __repr__(self) -> str:
         rules = {p.pattern: c for p, c in self.rules}
         return f"ByName({rules!r}, default={self.default!r})"
+
+
+class ByIndex(Policy):
+    """Per-parameter specs by position among the optimizer's parameters (for plain ``parameters()``).
+
+    Args:
+        rules: ``{index: choice}`` (a choice as ``ByName`` takes it); indices count every parameter of every
+            param group in order, as ``state_dict()`` does.
+        default: the choice for the other parameters; None (default) keeps the optimizer's settings.
+    """
+
+    def __init__(self, rules: Mapping[int, object], default=None):
+        if not isinstance(rules, Mapping):
+            raise ValueError(f"ByIndex: rules must be a dict {{index: spec}}, got {type(rules).__name__}")
+        for index, choice in rules.items():
+            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                raise ValueError(f"ByIndex: invalid parameter index {index!r} (an integer >= 0)")
+            _check_choice(choice, f"ByIndex spec of parameter #{index}")
+        if default is not None:
+            _check_choice(default, "ByIndex default")
+        self.rules, self.default = dict(rules), default
+
+    def choose(self, info, defaults):
+        out = dict(defaults)
+        choice = self.rules.get(info.index, self.default)
+        if choice is not None:
+            out.update(_normalize(choice, defaults))
+        return out
+
+    def __repr__(self) -> str:
+        return f"ByIndex({self.rules!r}, default={self.default!r})"
 
 
 class Schedule(Policy):
