@@ -70,7 +70,7 @@ def _characterize(argv) -> int:
 
 
 def _decompose(argv) -> int:
-    from .analysis.decomposition import main
+    from .bench.decompose import main
 
     return main(argv)
 

@@ -57,7 +57,7 @@ Which moments are quantized and which factored is what each codec says of itself
 ``describe()`` names it in the outputs), so any codec, including one defined outside the library, can be
 decomposed. Modules: this one (the shadows and the training loop), ``decomposition_variants`` (the
 configurations), ``decomposition_measures`` (measures, model fit, verdict), ``decomposition_report``
-(json / png / md outputs), ``decomposition_cli`` (``effopt decompose``).
+(json / png / md outputs); the ``effopt decompose`` command is ``bench.decompose``.
 """
 
 from __future__ import annotations
@@ -134,22 +134,14 @@ class _Setup:
 
 
 def _setup(task, steps: int, loss_fn, lr, weight_decay, clip, spec_kwargs: dict) -> _Setup:
-    from ..bench.config import RunConfig
-
     if task is None:
-        task = RunConfig()
-    if isinstance(task, RunConfig) or hasattr(task, "build_model"):
-        from ..bench.tasks import build_task
-        from ..bench.train import lr_factor, resolve_device
-
-        if isinstance(task, RunConfig):
-            cfg = dataclasses.replace(task, steps=steps)
-            cfg.validate()
-            device = resolve_device(cfg.device)
-            task = build_task(cfg, device)
-        else:
-            cfg = dataclasses.replace(task.cfg, steps=steps)
-            device = task.device
+        raise ValueError("decompose_errors needs a task: a benchmark run config or task (efficient_optim.bench: "
+                         "RunConfig(...) or RunConfig(...).build_task()), or a torch.nn.Module with loss_fn")  # fmt: skip
+    if hasattr(task, "build_task"):  # a run config (bench.config.RunConfig): it builds its own task
+        task = dataclasses.replace(task, steps=steps).build_task()
+    if hasattr(task, "build_model"):  # a task: cfg, device, build_model, train_batch, loss
+        cfg = dataclasses.replace(task.cfg, steps=steps)
+        device = task.device
         model = task.build_model().to(device=device, dtype=getattr(torch, cfg.param_dtype))
         gen = torch.Generator().manual_seed(cfg.seed)
         autocast = (
@@ -172,7 +164,7 @@ def _setup(task, steps: int, loss_fn, lr, weight_decay, clip, spec_kwargs: dict)
         info = {"model": cfg.model, "layers": cfg.layers, "width": cfg.width, "data": cfg.data, "seed": cfg.seed,
                 "batch_size": cfg.batch_size, "context": getattr(task, "context", cfg.context), "device": str(device),
                 "lr_schedule": "warm-up + cosine (bench.train.lr_factor)"}  # fmt: skip
-        return _Setup(model, loss_of, lambda s: peak * lr_factor(s - 1, cfg), peak, wd,
+        return _Setup(model, loss_of, lambda s: peak * cfg.lr_factor(s - 1), peak, wd,
                       clip if clip is not None else cfg.clip, cfg.seed, info)  # fmt: skip
     if isinstance(task, torch.nn.Module):
         if loss_fn is None:
@@ -189,7 +181,7 @@ def _setup(task, steps: int, loss_fn, lr, weight_decay, clip, spec_kwargs: dict)
         return _Setup(model, loss_of, lambda s: peak, peak, wd, clip if clip is not None else 0.0, None,
                       {"model": type(model).__name__, "lr_schedule": "constant"})  # fmt: skip
     raise ValueError(
-        f"task must be a RunConfig, a benchmark task or a torch.nn.Module, got {type(task).__name__}"
+        f"task must be a run config, a benchmark task or a torch.nn.Module, got {type(task).__name__}"
     )
 
 
@@ -209,9 +201,10 @@ def decompose_errors(
     """Decompose the update-direction error of a HybridAdam configuration into quantization, factoring, both.
 
     Args:
-        task: what to train: a ``bench.config.RunConfig`` (default ``None``: ``RunConfig()``, the harness's
-            gpt2-tiny on the embedded corpus; its ``steps`` is replaced by ``steps``), a benchmark task
-            (``bench.tasks.build_task(...)``), or a ``torch.nn.Module`` with ``loss_fn`` (trained in place).
+        task: what to train (required): a benchmark run config (``bench.config.RunConfig``: anything with a
+            ``build_task()``; its ``steps`` is replaced by ``steps``), a benchmark task (``cfg``, ``device``,
+            ``build_model``, ``train_batch``, ``loss``: ``RunConfig(...).build_task()``), or a
+            ``torch.nn.Module`` with ``loss_fn`` (trained in place).
         config: the hybrid configuration: a spec ``hybrid_adam[+key=value...]`` or bare settings
             ``m_codec=8bit+v_codec=lowrank``, a dict of ``HybridAdam`` keyword arguments, or ``None``
             (default: HybridAdam's defaults, 4-bit m and factored v). ``lr`` / ``weight_decay`` in it set
@@ -340,11 +333,3 @@ def _plain(x):
     if isinstance(x, (tuple, list)):
         return [_plain(v) for v in x]
     return repr(x)
-
-
-def main(argv=None) -> int:
-    """``effopt decompose`` (``analysis.decomposition_cli.main``): run ``decompose_errors`` on the harness's
-    tiny LM and write the outputs; returns the exit status."""
-    from .decomposition_cli import main as run
-
-    return run(argv)

@@ -13,7 +13,7 @@ from .decomposition_variants import DEFAULT_SPEC
 def write_outputs(result: dict, out, command: str | None = None) -> dict[str, Path]:
     """Write ``decomposition.json``, ``decomposition.png`` (if matplotlib is there) and ``decomposition.md``
     into folder ``out`` (created); returns kind -> path of what was written."""
-    from ..bench.metrics import write_json_atomic
+    from ..files import write_json_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

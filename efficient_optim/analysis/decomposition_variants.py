@@ -26,7 +26,7 @@ def parse_hybrid_config(config: str | dict | None) -> dict:
     (``m_codec=8bit+v_codec=lowrank``). ``beta1`` / ``beta2`` set ``betas``. ``ValueError`` for another
     optimizer name, a malformed setting, or an option HybridAdam does not accept or rejects.
     """
-    from ..bench.config import parse_spec
+    from ..optimizer_specs import parse_spec
 
     if config is None:
         kwargs: dict = {}

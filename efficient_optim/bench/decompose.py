@@ -1,23 +1,25 @@
 """``effopt decompose``: the error decomposition (``analysis.decomposition``) on the harness's tiny LM, from the
-command line."""
+command line. The harness builds the task (data, model, batches, schedule: ``RunConfig.build_task``) and hands
+it to the analysis, which knows nothing of the harness."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from .decomposition import DEFAULT_EVERY, DEFAULT_STEPS, TRAJECTORIES, decompose_errors
-from .decomposition_measures import SOURCES, format_number
-from .decomposition_report import write_outputs
-from .decomposition_variants import DEFAULT_SPEC, parse_hybrid_config
+from ..analysis import decomposition
+from ..analysis.decomposition import DEFAULT_EVERY, DEFAULT_STEPS, TRAJECTORIES
+from ..analysis.decomposition_measures import SOURCES, format_number
+from ..analysis.decomposition_report import write_outputs
+from ..analysis.decomposition_variants import DEFAULT_SPEC, parse_hybrid_config
 
 
 def build_parser():
     """The ``effopt decompose`` argument parser (defaults from ``bench.config.RunConfig``)."""
     import argparse
 
-    from ..bench.config import RunConfig
-    from ..bench.options import HelpFormatter
+    from .config import RunConfig
+    from .options import HelpFormatter
 
     d = RunConfig()
     ap = argparse.ArgumentParser(prog="effopt decompose", formatter_class=HelpFormatter, description=(
@@ -54,9 +56,9 @@ def build_parser():
 def _checked_config(args):
     """The run config of the parsed ``args``, checked (device, model, data, spec, --out) before any step;
     ``ValueError`` naming what is wrong."""
-    from ..bench.config import RunConfig
-    from ..bench.data import SHIPPED_CORPORA, WIKITEXT
-    from ..bench.preflight import preflight
+    from .config import RunConfig
+    from .data import SHIPPED_CORPORA, WIKITEXT
+    from .preflight import preflight
 
     data = str(args.data)
     if data not in ("embedded", *SHIPPED_CORPORA, *WIKITEXT) and not Path(data).exists():
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
             print(f"  step {step}/{total}  ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
 
     try:
-        result = decompose_errors(cfg, args.spec, args.steps, args.every, trajectory=args.trajectory,
+        result = decomposition.decompose_errors(cfg, args.spec, args.steps, args.every, trajectory=args.trajectory,
                                   progress=progress)  # fmt: skip
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
