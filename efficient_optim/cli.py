@@ -1,4 +1,5 @@
-"""The ``effopt`` command line: ``list``, ``bench``, ``suite``, ``report``, ``characterize`` and ``decompose``."""
+"""The ``effopt`` command line: ``list``, ``bench``, ``suite``, ``report``, ``characterize``, ``decompose``
+and ``theory``."""
 
 from __future__ import annotations
 
@@ -69,6 +70,12 @@ def _characterize(argv) -> int:
     return main(argv)
 
 
+def _theory(argv) -> int:
+    from .bench.theory_cmd import main
+
+    return main(argv)
+
+
 def _decompose(argv) -> int:
     from .bench.decompose import main
 
@@ -82,6 +89,7 @@ COMMANDS = {
     "report": ("rebuild report.md and plots from a run folder: effopt report DIR", _report),
     "characterize": ("why low-bit states fail and what fixes them (P2/P5/P6): effopt characterize [--quick]", _characterize),
     "decompose": ("where a hybrid optimizer's error comes from (P3): effopt decompose [...]", _decompose),
+    "theory": ("convergence, EMA error and bits-vs-epsilon checks on known optima: effopt theory [--quick]", _theory),
 }
 
 

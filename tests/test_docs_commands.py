@@ -47,6 +47,7 @@ STOP_BEFORE = {
     "suite": ("efficient_optim.bench.suites", "run_matrix"),
     "characterize": ("efficient_optim.bench.characterize", "run_study"),
     "decompose": ("efficient_optim.analysis.decomposition", "decompose_errors"),
+    "theory": ("efficient_optim.bench.theory_cmd", "run_studies"),
 }
 
 # Commands checked at the parser only, with the reason.
