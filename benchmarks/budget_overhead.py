@@ -22,7 +22,7 @@ import torch
 import efficient_optim as eo
 from efficient_optim.bench.models import build_lm
 from efficient_optim.policy import Budget
-from efficient_optim.third_party import quiet
+from efficient_optim.third_party import ChatterLog, chatter_to, quiet
 
 
 def _timed_run(model, opt, steps: int, warmup: int, batch: int, context: int, vocab: int) -> list[float]:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     rows = {}
     for name, allocator in (("fixed plan, no monitoring", "fixed"), ("dynamic, monitored", "dynamic")):
-        with quiet("transformers"):  # its imports' warnings are not this benchmark's output
+        with chatter_to(ChatterLog()), quiet("transformers"):  # its imports' warnings are not this benchmark's output
             model = build_lm("gpt2-mini", vocab, seed=0)
         policy = Budget(bytes_per_param=args.bytes_per_param, allocator=allocator, warmup=args.warmup + 1,
                         every=args.every, patience=2)  # fmt: skip
