@@ -161,3 +161,17 @@ def test_budget_on_other_optimizers():
         for i in range(4):
             _step(model, opt, i)
         assert eo.state_bytes(opt) <= opt.policy.limit
+
+
+def test_budget_with_gradient_release_replans_and_stays_within_budget():
+    model = _model()
+    policy = Budget(bytes_per_param=1.2, allocator="dynamic", warmup=2, every=2, patience=1)
+    opt = eo.QAdamW(model.named_parameters(), policy=policy)
+    handle = eo.enable_gradient_release(model, opt)
+    for i in range(8):
+        x = torch.randint(0, 1024, (8, 12), generator=torch.Generator().manual_seed(i))
+        out = model(x)
+        ((out - out.detach().roll(1, dims=-1)).square().mean() + out.mean()).backward()
+        assert eo.state_bytes(opt) <= policy.limit
+    handle.remove()
+    assert policy.steps == 8 and policy.errors  # one re-plan call per backward; statistics were measured

@@ -71,6 +71,7 @@ class CodecOptimizer(torch.optim.Optimizer):
         self._release = None  # the GradientRelease handle while gradient release is on
         self._plans: dict[torch.Tensor, Plan] = {}
         self._monitor: set = set()  # parameters whose exact state values go to the policy at the next step
+        self._released: set = set()  # (gradient release) parameters stepped since the last step boundary
         if policy is not None and not isinstance(policy, Policy):
             raise ValueError(f"invalid policy: {policy!r} (an efficient_optim.policy.Policy, e.g. ByName(...))")
         self.policy = policy if policy is not None else Policy()
@@ -192,6 +193,7 @@ class CodecOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_release", None)
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_monitor", set())
+        self.__dict__.setdefault("_released", set())
         self.__dict__.setdefault("policy", Policy())
 
     # -------------------------------------------------------------------------------- the step
@@ -264,10 +266,16 @@ class CodecOptimizer(torch.optim.Optimizer):
         """Step one parameter from its current gradient (used by gradient release).
 
         The non-finite-gradient policy applies to this parameter alone: with ``"skip"`` only its update is
-        skipped (``skipped_steps`` counts it).
+        skipped (``skipped_steps`` counts it). A parameter stepped a second time starts a new optimizer step:
+        a dynamic policy re-plans there, as ``step()`` does.
         """
         if param.grad is None:
             return
+        if param in self._released or not self._released:  # the first parameter of a new backward: a new step
+            self._monitor = set() if self._released else self._monitor
+            self._released = set()
+            self._replan()
+        self._released.add(param)
         group, index = self._param_index(param)
         work = [(group, [(index, param, -param.grad if group["maximize"] else param.grad)])]
         if self._first_nonfinite(work) is not None:
