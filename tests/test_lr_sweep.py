@@ -79,6 +79,8 @@ def test_quick_sweep_end_to_end_resume_and_report_rebuild(corpus, tmp_path, caps
     assert "lr_sweep.png" in report and (out / "lr_sweep.png").is_file()
     verdicts = json.loads((out / "suite.json").read_text())["verdicts"]
     assert any(v["criterion"].startswith("basin within 1%") for v in verdicts)
+    assert any(v["criterion"].startswith("test loss at the best lr") for v in verdicts)
+    assert all(c["best_test_loss"] > 0 for c in data["curves"] if c["best_lr"] is not None)
 
     assert main(argv) == 2  # a reused folder without --resume is refused
     before = json.loads((out / "summary.json").read_text())["runs"]

@@ -29,6 +29,7 @@ class Point:
     diverged: int = 0
     spikes: list[float] = field(default_factory=list)
     spike_steps: list[int] = field(default_factory=list)
+    test_losses: list[float] = field(default_factory=list)  # the held-out test split's, where the runs had one
 
     @property
     def runs(self) -> int:
@@ -93,6 +94,8 @@ def collect_points(out: Path, runs: list[dict]) -> dict[tuple[str, int], list[Po
             point.diverged += 1
         else:
             point.losses.append(row["final_val_loss"])
+            if row.get("test_loss") is not None:
+                point.test_losses.append(row["test_loss"])
         ratio, step = spike_ratio(out, row["run_id"])
         point.spikes.append(ratio)
         point.spike_steps.append(step)
@@ -105,7 +108,9 @@ def summarize_curve(points: list[Point]) -> dict:
     Args:
         points: the curve's points, sorted by lr.
 
-    Returns a dict: ``best_lr``/``best_loss``/``best_std`` (``None`` if no lr finished every seed),
+    Returns a dict: ``best_lr``/``best_loss``/``best_std`` (``None`` if no lr finished every seed; the best
+    lr is chosen on validation loss), ``best_test_loss``/``best_test_std`` (the test split's loss at that lr:
+    ``None`` without a test split),
     ``basin_lo``/``basin_hi`` (the contiguous run of grid lrs around the best within 1 %),
     ``basin_decades`` (log10 of their ratio), ``basin_open_low``/``basin_open_high`` (the basin reaches the
     grid's edge, so the true basin is wider), ``diverged`` (``[lr, diverged seeds, runs]`` per lr with any
@@ -113,7 +118,8 @@ def summarize_curve(points: list[Point]) -> dict:
     ``diverges_below`` (the highest lr below the best with one).
     """
     ok = [i for i, p in enumerate(points) if p.ok]
-    res = {"best_lr": None, "best_loss": None, "best_std": None, "basin_lo": None, "basin_hi": None,
+    res = {"best_lr": None, "best_loss": None, "best_std": None, "best_test_loss": None, "best_test_std": None,
+           "basin_lo": None, "basin_hi": None,
            "basin_decades": None, "basin_open_low": False, "basin_open_high": False,
            "diverged": [[p.lr, p.diverged, p.runs] for p in points if p.diverged],
            "diverges_above": None, "diverges_below": None}  # fmt: skip
@@ -122,6 +128,9 @@ def summarize_curve(points: list[Point]) -> dict:
     b = min(ok, key=lambda i: points[i].mean)
     best = points[b]
     res.update(best_lr=best.lr, best_loss=best.mean, best_std=best.std)
+    if best.test_losses:
+        res.update(best_test_loss=statistics.mean(best.test_losses),
+                   best_test_std=statistics.stdev(best.test_losses) if len(best.test_losses) > 1 else None)  # fmt: skip
     inside = lambda i: points[i].ok and points[i].mean <= best.mean * (1 + BASIN)  # noqa: E731
     lo = hi = b
     while lo > 0 and inside(lo - 1):

@@ -123,6 +123,9 @@ class LrSweep(Protocol):
                 v.append(Verdict("best lr", name, "every lr diverged or failed", NOT_MEASURABLE))
                 continue
             v.append(Verdict("best lr (final val loss)", name, f"{c['best_lr']:g}: {words.loss_text(c['best_loss'], c['best_std'])}", "measured", hint))
+            if c.get("best_test_loss") is not None:
+                v.append(Verdict("test loss at the best lr (the lr chosen on validation)", name,
+                                 words.loss_text(c["best_test_loss"], c["best_test_std"]), "measured", hint))  # fmt: skip
             v.append(Verdict(f"basin within {BASIN:.0%} of the best", name, words.basin_text(c), "measured"))
             v.append(Verdict("divergence", name, words.divergence_text(c), "measured"))
         for r in data["comparisons"]:
