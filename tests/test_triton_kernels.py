@@ -352,6 +352,61 @@ def test_lion_and_sgd_steps_match_the_reference_path(backend, rule, bits, roundi
     assert_same_bits({"p": P, "mc": MC, "ms": MS}, {"p": ref_p, "mc": want_c, "ms": want_s})
 
 
+def bf16_weights(n, gen):
+    """bf16 weights over every kind of value the rounding sees: zeros of both signs, subnormals, powers of two
+    and their neighbours, small and large magnitudes."""
+    w = torch.randn(n, generator=gen) * torch.logspace(-30, 30, n, base=2.0)
+    w[:8] = torch.tensor(
+        [0.0, -0.0, 1e-39, -3e-40, 1.0, -0.5, 2.0**-126, 3.0e30]
+    )  # (code * ulp overflows above ~1e34)
+    return w.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("rule", ["adamw", "lion"])
+@pytest.mark.parametrize("mode", ["correction8", "correction16", "stochastic"])
+def test_bf16_weights_with_master_match_the_cpu_path(backend, rule, mode):
+    """bf16 parameter + correction codes (or stochastic rounding): the CPU path opens the fp32 master
+    (``decode_correction``), steps it, and closes it (``encode_correction`` / ``round_stochastic``)."""
+    from efficient_optim.optim import master_weights as mw
+
+    kernels, device = backend
+    n, bs, w_salt = 600, 64, 0x5EED5EED
+    gen = torch.Generator().manual_seed(7)
+    low = bf16_weights(n, gen)
+    bits = {"correction8": 8, "correction16": 16}.get(mode)
+    code = None if bits is None else torch.randint(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1), (n,), generator=gen,
+                                                   dtype={8: torch.int8, 16: torch.int16}[bits])  # fmt: skip
+    master = low.float() if code is None else mw.decode_correction(code, low, bits)
+    g = (torch.randn(n, generator=gen) * 1e-2).to(torch.bfloat16)
+    case, state = adamw_case(n, bs, rounding="stochastic")
+    if rule == "adamw":
+        want = spec_step(case, {**state, "p": master, "g": g.float()})
+        new_master = want["p"]
+    else:
+        q, m = case["qm"], dequantize_blockwise(state["mc"], state["ms"], case["qm"], bs, n)
+        new_master = master.clone()
+        lion_update_(new_master, g.float(), m, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1)
+        mc, ms = quantize_blockwise(m, q, bs, "stochastic", case["m_salt"], torch.bfloat16)
+        want = {"mc": mc, "ms": ms}
+    if code is None:
+        want["p"] = mw.round_stochastic(new_master, torch.bfloat16, w_salt)
+    else:
+        want["p"] = new_master.to(torch.bfloat16)
+        want["code"] = mw.encode_correction(new_master, want["p"], bits)
+    s = {k: t.clone().to(device) for k, t in state.items()}
+    s["p"], s["g"] = low.to(device), g.to(device)
+    weight = {"weight_salt": w_salt} if code is None else {"weight_correction": code.to(device)}
+    if rule == "adamw":
+        got = run_adamw(kernels.adamw_quantized_step, case, s, device, **weight)
+    else:
+        got = {"p": s["p"], "mc": s["mc"], "ms": s["ms"]}
+        kernels.lion_quantized_step(s["p"], s["g"], s["mc"], s["ms"], *tables(case["qm"]), 8, True, case["m_salt"],
+                                    bs, 1e-2, 0.9, 0.99, 0.1, **weight)  # fmt: skip
+    if code is not None:
+        got["code"] = weight["weight_correction"]
+    assert_same_bits(got, want)
+
+
 def test_bad_arguments_are_named(backend):
     kernels, device = backend
     case, state = adamw_case(100, 10)
@@ -404,6 +459,13 @@ with tc.capture() as launches:
     tf.adamw_quantized_factored_step(torch.zeros(8, 256), torch.zeros(8, 256), torch.zeros(1024, dtype=torch.uint8),
                                      torch.zeros(16, dtype=torch.bfloat16), *tabs(m4), 4, True, 3, 128,
                                      torch.zeros(8), torch.zeros(256), 1e-30, *hyper)
+    pb, corr = torch.zeros(1000, dtype=torch.bfloat16), torch.zeros(1000, dtype=torch.int16)
+    ta.adamw_quantized_step(pb, g, c8, sb, *tabs(m8), 8, False, 1, c8, sb, *tabs(m8), 8, False, 2, 128, *hyper,
+                            weight_correction=corr)
+    ta.adamw_quantized_multi_step([pb, pb], [g, g], [c4, c4], [sb, sb], *tabs(m4), 4, True, [1, 2], [c4, c4],
+                                  [sb, sb], *tabs(v4), 4, False, [1, 2], 128, *hyper[:5], [1e-2] * 2, [0.3] * 2,
+                                  weight_salts=[3, 4])
+    tr.lion_quantized_step(pb, g, c8, sb, *tabs(m8), 8, True, 1, 128, 1e-4, 0.9, 0.99, 0.1, weight_salt=5)
 problems = []
 for launch in launches:
     name = launch.kernel.fn.__name__
@@ -422,4 +484,4 @@ def test_every_kernel_compiles_for_sm90_with_ieee_arithmetic():
     if "ptxas" in out.stderr and out.returncode:
         pytest.skip(f"Triton's NVIDIA backend cannot compile here: {out.stderr[-300:]}")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "11 kernels compiled" in out.stdout
+    assert "14 kernels compiled" in out.stdout

@@ -196,27 +196,17 @@ def check_block_size(block_size: int, bits: tuple[int, ...]) -> None:
 
 
 @triton.jit
-def _max_combine(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _add_combine(a, b):
-    return a + b
-
-
-@triton.jit
 def reduce_max(x, axis: tl.constexpr, keep_dims: tl.constexpr = False):
-    """``tl.max`` through ``tl.reduce`` and a combine function of this module (Triton's library reductions
-    are compiled-mode functions when Triton was imported before ``TRITON_INTERPRET`` was set, e.g. by torch,
-    and the interpreter cannot call them; a module of our own picks the mode when it is imported)."""
-    return tl.reduce(x, axis, _max_combine, keep_dims=keep_dims)
+    """``tl.max`` written as ``tl.reduce`` with the library's combine function: the same reduction when
+    compiled, and the interpreter recognizes that function (a NumPy reduction) even when Triton was imported
+    before ``TRITON_INTERPRET`` was set (e.g. by torch), when ``tl.max`` itself cannot run interpreted."""
+    return tl.reduce(x, axis, tl.standard._elementwise_max, keep_dims=keep_dims)
 
 
 @triton.jit
 def reduce_sum(x, axis: tl.constexpr, keep_dims: tl.constexpr = False):
-    """``tl.sum`` through ``tl.reduce`` (see ``reduce_max``); sums in the input's dtype."""
-    return tl.reduce(x, axis, _add_combine, keep_dims=keep_dims)
+    """``tl.sum`` as ``tl.reduce`` (see ``reduce_max``); sums in the input's dtype, in a tree order."""
+    return tl.reduce(x, axis, tl.standard._sum_combine, keep_dims=keep_dims)
 
 
 @triton.jit

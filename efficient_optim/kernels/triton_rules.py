@@ -29,6 +29,7 @@ from .triton_common import (
     tile_indices,
     tile_shape,
 )
+from .triton_master import close_master, open_master, weight_args
 
 LION, SGD = 0, 1
 _G_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -40,14 +41,15 @@ def _sign(x):
     return tl.where(x > 0.0, 1.0, 0.0) - tl.where(x < 0.0, 1.0, 0.0)
 
 
-@triton.jit(do_not_specialize=["m_salt", "numel", "block_size"])
+@triton.jit(do_not_specialize=["m_salt", "w_salt", "numel", "block_size"])
 def _momentum_kernel(
     p_ptr, g_ptr, m_codes, m_scales,
     m_levels, m_lut, m_mids, m_mid_lut, m_mbits, m_erange, m_mid_mbits, m_mid_erange, m_nlev,
-    m_salt, numel, block_size, found_inf, c0, c1, c2, c3, c4,
+    m_salt, numel, block_size, found_inf, corr_ptr, w_salt, c0, c1, c2, c3, c4,
     M_BITS: tl.constexpr, M_SIGNED: tl.constexpr, M_STOCH: tl.constexpr, M_BF16: tl.constexpr,
     RULE: tl.constexpr, FLAG_A: tl.constexpr, FLAG_B: tl.constexpr, FLAG_C: tl.constexpr,
-    HAS_FLAG: tl.constexpr, BPP: tl.constexpr, BSP2: tl.constexpr,
+    HAS_FLAG: tl.constexpr, BPP: tl.constexpr, BSP2: tl.constexpr, WEIGHT_MODE: tl.constexpr,
+    CORR_BITS: tl.constexpr,
 ):  # fmt: skip
     """Lion: c0 = 1 - lr wd, c1 = beta1, c2 = 1 - beta1, c3 = -lr, c4 = the lerp coefficient; FLAG_A: the
     lerp weight is < 0.5 in magnitude. SGD: c0 = wd, c1 = momentum, c2 = 1 - dampening, c3 = -lr; FLAG_A:
@@ -57,7 +59,7 @@ def _momentum_kernel(
         go = tl.load(found_inf + tl.full([1, 1], 0, tl.int32)) == 0  # [1, 1]: see triton_factored
         mask = mask & go
         mask_b = mask_b & go
-    p = tl.load(p_ptr + index, mask=mask, other=0.0)
+    p = open_master(p_ptr, corr_ptr, index, mask, WEIGHT_MODE, CORR_BITS)
     g = tl.load(g_ptr + index, mask=mask, other=0.0).to(tl.float32)
     m = decode_tile(m_codes, m_scales, m_levels, block, index, mask, mask_b, M_BITS, M_BF16)
     if RULE == 0:  # Lion
@@ -79,7 +81,7 @@ def _momentum_kernel(
             p = tl.fma(tl.fma(m, c1, g), c3, p)
         else:
             p = tl.fma(m, c3, p)
-    tl.store(p_ptr + index, p, mask=mask)
+    close_master(p, p_ptr, corr_ptr, index, mask, w_salt, WEIGHT_MODE, CORR_BITS)
     encode_tile(m, m_codes, m_scales, m_levels, m_lut, m_mids, m_mid_lut, m_mbits, m_erange, m_mid_mbits,
                 m_mid_erange, m_nlev, m_salt, block, index, mask, mask_b, block_size, M_BITS, M_SIGNED, M_STOCH,
                 M_BF16, BPP, BSP2)  # fmt: skip
@@ -89,28 +91,15 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def _run(
-    rule: int,
-    p,
-    g,
-    m_codes,
-    m_scales,
-    m_tables,
-    m_geometry,
-    m_signed,
-    m_bits,
-    m_stochastic,
-    m_salt,
-    block_size: int,
-    coefficients: list,
-    flags: tuple,
-    found_inf,
-) -> None:
-    """Validate and launch the momentum kernel for ``rule`` with fp32 ``coefficients`` and constexpr ``flags``."""
+def _run(rule: int, p, g, momentum: tuple, block_size: int, coefficients: list, flags: tuple, found_inf,
+         weight_correction, weight_salt) -> None:  # fmt: skip
+    """Validate and launch the momentum kernel for ``rule``: ``momentum`` = (codes, scales, tables, geometry,
+    signed, bits, stochastic, salt); fp32 ``coefficients``; constexpr ``flags``."""
+    m_codes, m_scales, m_tables, m_geometry, m_signed, m_bits, m_stochastic, m_salt = momentum
     check_device("p", p)
     check_device("g", g)
-    if p.dtype != torch.float32 or g.dtype not in _G_DTYPES or p.numel() != g.numel():
-        raise ValueError("p must be fp32 and g fp32/bf16/fp16 with as many elements")
+    if p.dtype not in (torch.float32, torch.bfloat16) or g.dtype not in _G_DTYPES or p.numel() != g.numel():
+        raise ValueError("p must be fp32 or bf16 and g fp32/bf16/fp16 with as many elements")
     check_block_size(block_size, (m_bits,))
     n = p.numel()
     check_codes("momentum", m_codes, m_scales, n, m_bits, block_size)
@@ -118,63 +107,50 @@ def _run(
         check_device("found_inf", found_inf)
         if found_inf.dtype != torch.int32 or found_inf.numel() != 1:
             raise ValueError("found_inf must be an int32 tensor of one element")
+    target = p if p.is_contiguous() else p.contiguous()
+    p_arg, w_args, w_const = weight_args(target, weight_correction, weight_salt)
     if n == 0:
         return
-    target = p if p.is_contiguous() else p.contiguous()
     run, const = map_args("m", m_tables, m_geometry, m_signed, m_bits, p.device)
     ms, bf16 = scales_view(m_scales)
     bpp, bsp2 = tile_shape(block_size)
     c = [_f32(x) for x in coefficients] + [0.0] * (5 - len(coefficients))
-    args = dict(p_ptr=target, g_ptr=g.contiguous(), m_codes=m_codes, m_scales=ms, **run, m_salt=salt_i32(m_salt),
-                numel=n, block_size=block_size, found_inf=found_inf if found_inf is not None else target,
+    args = dict(p_ptr=p_arg, g_ptr=g.contiguous(), m_codes=m_codes, m_scales=ms, **run, m_salt=salt_i32(m_salt),
+                numel=n, block_size=block_size, found_inf=found_inf if found_inf is not None else p_arg, **w_args,
                 c0=c[0], c1=c[1], c2=c[2], c3=c[3], c4=c[4])  # fmt: skip
     const.update(M_STOCH=bool(m_stochastic), M_BF16=bf16, RULE=rule, FLAG_A=flags[0], FLAG_B=flags[1],
-                 FLAG_C=flags[2], HAS_FLAG=found_inf is not None, BPP=bpp, BSP2=bsp2)  # fmt: skip
+                 FLAG_C=flags[2], HAS_FLAG=found_inf is not None, BPP=bpp, BSP2=bsp2, **w_const)  # fmt: skip
     launch(_momentum_kernel, (triton.cdiv(m_scales.numel(), bpp),), args, const, bpp * bsp2)
     if target is not p:
         p.copy_(target)
 
 
-def lion_quantized_step(
-    p,
-    g,
-    m_codes,
-    m_scales,
-    m_tables,
-    m_geometry,
-    m_signed,
-    m_bits,
-    m_stochastic,
-    m_salt,
-    block_size,
-    lr,
-    beta1,
-    beta2,
-    weight_decay,
-    *,
-    found_inf=None,
-) -> None:
-    """One Lion step (``optim.lion.lion_update_``) of fp32 ``p`` with a block-quantized momentum, in place.
+def lion_quantized_step(p, g, m_codes, m_scales, m_tables, m_geometry, m_signed, m_bits, m_stochastic, m_salt,
+                        block_size, lr, beta1, beta2, weight_decay, *, found_inf=None, weight_correction=None,
+                        weight_salt=None) -> None:  # fmt: skip
+    """One Lion step (``optim.lion.lion_update_``) with a block-quantized momentum, in place.
 
     Args:
-        p: fp32 parameter. g: gradient (fp32/bf16/fp16).
+        p: fp32 parameter, or bf16 with ``weight_correction`` / ``weight_salt`` (see ``triton_master``).
+        g: gradient (fp32/bf16/fp16).
         m_codes, m_scales, m_tables, m_geometry, m_signed, m_bits, m_stochastic, m_salt: the momentum's
             storage and map, as ``adamw_quantized_step``'s m arguments.
         block_size: elements per quantization block.
         lr, beta1, beta2, weight_decay: Lion's hyperparameters.
         found_inf: optional int32 device flag; nonzero at run time = nothing written. Default None.
+        weight_correction, weight_salt: master-weight mode of a bf16 ``p`` (as ``adamw_quantized_step``).
     """
     weight = np.float32(1 - beta2)  # lerp's weight, rounded to fp32 as torch does
     small = bool(abs(weight) < 0.5)
     coef = weight if small else weight - np.float32(1.0)
-    coefficients = [1 - lr * weight_decay, beta1, 1 - beta1, -lr, float(coef)]
-    _run(LION, p, g, m_codes, m_scales, m_tables, m_geometry, m_signed, m_bits, m_stochastic, m_salt, block_size,
-         coefficients, (small, False, False), found_inf)  # fmt: skip
+    momentum = (m_codes, m_scales, m_tables, m_geometry, m_signed, m_bits, m_stochastic, m_salt)
+    _run(LION, p, g, momentum, block_size, [1 - lr * weight_decay, beta1, 1 - beta1, -lr, float(coef)],
+         (small, False, False), found_inf, weight_correction, weight_salt)  # fmt: skip
 
 
 def sgd_quantized_step(p, g, m_codes, m_scales, m_tables, m_geometry, m_signed, m_bits, m_stochastic, m_salt,
-                       block_size, lr, momentum, dampening, weight_decay, nesterov, first_step, *,
-                       found_inf=None) -> None:  # fmt: skip
+                       block_size, lr, momentum, dampening, weight_decay, nesterov, first_step, *, found_inf=None,
+                       weight_correction=None, weight_salt=None) -> None:  # fmt: skip
     """One SGD-momentum step (``optim.sgd.sgd_momentum_update_``, torch.optim.SGD's arithmetic), in place.
 
     Args:
@@ -182,9 +158,8 @@ def sgd_quantized_step(p, g, m_codes, m_scales, m_tables, m_geometry, m_signed, 
         block_size: elements per quantization block.
         lr, momentum, dampening, weight_decay, nesterov: SGD's hyperparameters.
         first_step: True on step 1 (the buffer becomes the gradient).
-        found_inf: as ``lion_quantized_step``.
+        found_inf, weight_correction, weight_salt: as ``lion_quantized_step``.
     """
-    coefficients = [weight_decay, momentum, 1 - dampening, -lr]
-    flags = (bool(weight_decay), bool(first_step), bool(nesterov))
-    _run(SGD, p, g, m_codes, m_scales, m_tables, m_geometry, m_signed, m_bits, m_stochastic, m_salt, block_size,
-         coefficients, flags, found_inf)  # fmt: skip
+    buffer = (m_codes, m_scales, m_tables, m_geometry, m_signed, m_bits, m_stochastic, m_salt)
+    _run(SGD, p, g, buffer, block_size, [weight_decay, momentum, 1 - dampening, -lr],
+         (bool(weight_decay), bool(first_step), bool(nesterov)), found_inf, weight_correction, weight_salt)  # fmt: skip
