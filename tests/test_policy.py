@@ -229,3 +229,17 @@ def test_the_static_policy_is_the_settings():
     assert not oa.policy.dynamic and type(ob.policy) is Policy
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_the_documented_policy_example_runs():
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "architecture.md").read_text()
+    section = text[text.index("## How to add a policy"):text.index("## How to add a protocol")]
+    namespace: dict = {}
+    exec(compile(re.search(r"```python\n(.*?)```", section, re.S).group(1), "policy_example", "exec"), namespace)
+    model, opt = namespace["model"], namespace["opt"]
+    model(torch.randn(4, 256)).square().sum().backward()
+    opt.step()
+    assert opt.plan_of(model[0].weight)["exp_avg"].bits == 8  # 256 columns: the policy's 8 bits
+    assert opt.plan_of(model[1].weight)["exp_avg"].bits == 4  # 64 columns: the settings' 4 bits
