@@ -1,5 +1,5 @@
-"""The ``effopt`` command line: ``list``, ``bench``, ``suite``, ``report``, ``characterize``, ``decompose``
-and ``theory``."""
+"""The ``effopt`` command line: ``list``, ``bench``, ``suite``, ``report``, ``characterize``, ``decompose``,
+``finetune``, ``landscape`` and ``theory``."""
 
 from __future__ import annotations
 
@@ -70,6 +70,18 @@ def _characterize(argv) -> int:
     return main(argv)
 
 
+def _finetune(argv) -> int:
+    from .bench.finetune import main
+
+    return main(argv)
+
+
+def _landscape(argv) -> int:
+    from .bench.landscape_cmd import main
+
+    return main(argv)
+
+
 def _theory(argv) -> int:
     from .bench.theory_cmd import main
 
@@ -89,6 +101,8 @@ COMMANDS = {
     "report": ("rebuild report.md and plots from a run folder: effopt report DIR", _report),
     "characterize": ("why low-bit states fail and what fixes them (P2/P5/P6): effopt characterize [--quick]", _characterize),
     "decompose": ("where a hybrid optimizer's error comes from (P3): effopt decompose [...]", _decompose),
+    "finetune": ("downstream fine-tuning of a pretrained small LM per optimizer: effopt finetune [--quick]", _finetune),
+    "landscape": ("2-D loss surfaces and mode connectivity of optimizers' solutions: effopt landscape [--quick]", _landscape),
     "theory": ("convergence, EMA error and bits-vs-epsilon checks on known optima: effopt theory [--quick]", _theory),
 }
 

@@ -47,6 +47,8 @@ STOP_BEFORE = {
     "suite": ("efficient_optim.bench.suites", "run_matrix"),
     "characterize": ("efficient_optim.bench.characterize", "run_study"),
     "decompose": ("efficient_optim.analysis.decomposition", "decompose_errors"),
+    "finetune": ("efficient_optim.bench.finetune", "run_finetune"),
+    "landscape": ("efficient_optim.bench.landscape_cmd", "run_landscape"),
     "theory": ("efficient_optim.bench.theory_cmd", "run_studies"),
 }
 
