@@ -138,7 +138,12 @@ def adamw_case(n, bs, m_bits=8, v_bits=8, m_map="dynamic", v_map="dynamic_nozero
 
 
 def run_adamw(fn, case, state, device, **kw) -> dict:
-    s = {k: t.clone().to(device) for k, t in state.items()}
+    """``fn`` (an AdamW entry point) on copies of ``state`` on ``device`` (the gradient as given when it is
+    already there, so its strides are kept); returns the copies."""
+    s = {
+        k: t if k == "g" and t.device == torch.device(device) else t.clone().to(device)
+        for k, t in state.items()
+    }
     fn(s["p"], s["g"], s["mc"], s["ms"], *tables(case["qm"]), case["qm"].bits, case["m_rounding"] == "stochastic",
        case["m_salt"], s["vc"], s["vs"], *tables(case["qv"]), case["qv"].bits, case["v_rounding"] == "stochastic",
        case["v_salt"], case["block_size"], *case["hyper"], **kw)  # fmt: skip
@@ -200,17 +205,25 @@ def test_adamw_step_is_bit_exact(backend, n, bs, options):
         assert_same_bits(run_adamw(cpu.adamw_quantized_step, case, state, "cpu"), want)
 
 
-def test_adamw_step_takes_strided_and_low_precision_gradients(backend):
+def test_adamw_step_takes_strided_and_low_precision_tensors(backend):
+    """A non-contiguous or bf16 gradient is read exactly; a strided parameter steps on a copy written back."""
     kernels, device = backend
     case, state = adamw_case(2 * 150, 64, m_bits=4, v_bits=4, v_map="sqrt_nozero", rounding="stochastic")
-    wide = torch.randn(20, 30, generator=torch.Generator().manual_seed(1)) * 1e-2
-    for grad in (wide[:, ::2], wide.to(torch.bfloat16)[:, 1::2]):  # non-contiguous; bf16 (read exactly)
-        state["g"] = grad.reshape(-1).contiguous()
-        want = spec_step(case, state)
-        s = {k: t.clone().to(device) for k, t in state.items()}
-        s["g"] = grad.to(device)
-        got = run_adamw(kernels.adamw_quantized_step, case, {**s, "g": grad.to(device)}, device)
+    wide = (torch.randn(20, 30, generator=torch.Generator().manual_seed(1)) * 1e-2).to(device)
+    for grad in (wide[:, ::2], wide.to(torch.bfloat16)[:, 1::2]):
+        assert not grad.is_contiguous()
+        want = spec_step(case, {**state, "g": grad.cpu().reshape(-1).contiguous()})
+        got = run_adamw(kernels.adamw_quantized_step, case, {**state, "g": grad}, device)
         assert_same_bits(got, want)
+    strided = torch.zeros(2 * 300, device=device)[::2]
+    strided.copy_(state["p"])
+    got = run_adamw(kernels.adamw_quantized_step, case, state, device)
+    s = {k: t.clone().to(device) for k, t in state.items()}
+    kernels.adamw_quantized_step(strided, s["g"], s["mc"], s["ms"], *tables(case["qm"]), 4, True, case["m_salt"],
+                                 s["vc"], s["vs"], *tables(case["qv"]), 4, True, case["v_salt"], 64, *case["hyper"])  # fmt: skip
+    assert_same_bits(
+        {"p": strided, "mc": s["mc"], "vs": s["vs"]}, {"p": got["p"], "mc": got["mc"], "vs": got["vs"]}
+    )
 
 
 def test_multi_tensor_step_is_one_launch_and_equals_single_steps(backend, monkeypatch):
