@@ -112,6 +112,8 @@ class Budget(Policy):
                 for name in defaults:
                     self._add_item(optimizer, group, index, p, name, pname)
                 index += 1
+        if any(_is_dtensor(p) for g in optimizer.param_groups for p in g["params"]):
+            self._sum_over_ranks()  # each rank sized its own shard's states: the budget is over all of them
         self.limit = int(self.bytes if self.bytes is not None else self.bytes_per_param * numel)
         cheapest = {k: it.cheapest() for k, it in self.items.items()}
         floor = self.plan_bytes(cheapest)
@@ -150,7 +152,8 @@ class Budget(Policy):
         nbytes = []
         for spec in specs:
             codec = optimizer.resolve_spec(name, spec, p, group)
-            nbytes.append(codec_bytes(codec, name, p))
+            stored = codec.for_dtensor(p) if _is_dtensor(p) else codec  # a shard's own layout under FSDP2
+            nbytes.append(codec_bytes(stored, name, p))
             self._tables[((index, name), len(nbytes) - 1)] = {
                 t.data_ptr(): t.numel() * t.element_size() for t in codec.shared_tensors().values()}
         embedding = any(k in pname for k in ("wte", "wpe", "embed"))
@@ -187,7 +190,43 @@ class Budget(Policy):
             return []
         return self._solve(optimizer)
 
+    def _sum_over_ranks(self) -> None:
+        """Item bytes and fixed bytes summed over the ranks (collective: every rank calls it in ``bind``); shared
+        tables are held by every rank, so they count once per rank."""
+        import torch.distributed as dist
+
+        keys = sorted(self.items)
+        flat = [float(self.fixed_bytes)] + [float(b) for k in keys for b in self.items[k].nbytes]
+        table_keys = sorted(self._tables)
+        flat += [float(sum(self._tables[k].values())) for k in table_keys]
+        t = torch.tensor(flat, dtype=torch.float64)
+        dist.all_reduce(t)
+        values = [int(round(v)) for v in t.tolist()]
+        self.fixed_bytes, pos = values[0], 1
+        for k in keys:
+            n = len(self.items[k].nbytes)
+            self.items[k].nbytes = values[pos:pos + n]
+            pos += n
+        for k in table_keys:  # one pseudo-table per candidate: the ranks' copies together
+            self._tables[k] = {hash(k): values[pos]} if self._tables[k] else {}
+            pos += 1
+
+    def _agree_errors(self) -> None:
+        """The ranks' error statistics averaged (collective), so every rank solves the same allocation."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        slots = [(k, s) for k in sorted(self.items) for s in self.items[k].specs]
+        values = torch.tensor([[self.errors.get(k, {}).get(s, 0.0), float(s in self.errors.get(k, {}))]
+                               for k, s in slots], dtype=torch.float64).reshape(-1, 2)  # fmt: skip
+        dist.all_reduce(values)
+        for (k, s), (total, count) in zip(slots, values.tolist()):
+            if count > 0:
+                self.errors.setdefault(k, {})[s] = total / count
+
     def _solve(self, optimizer):
+        self._agree_errors()
         for key, item in self.items.items():
             if key in self.errors:
                 prefix = optimizer.STATE_PREFIX[key[1]]
@@ -241,6 +280,7 @@ class Budget(Policy):
         """Record, from one step's exact state ``values`` (before encoding), the relative error every candidate
         of each state would make (measured on a sample of at most ``SAMPLE_ELEMENTS`` elements)."""
         for name, value in values.items():
+            value = value.to_local() if _is_dtensor(value) else value  # this rank's shard (errors are averaged)
             key = (index, name)
             item = self.items.get(key)
             if item is None or len(item.specs) == 1:
@@ -272,6 +312,10 @@ class Budget(Policy):
         self.choice = {k: int(v) for k, v in unkeyed(state["choice"]).items()}
         self.pending = {k: list(v) for k, v in unkeyed(state["pending"]).items()}
         self.errors = {k: dict(v) for k, v in unkeyed(state["errors"]).items()}
+
+
+def _is_dtensor(t) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
 
 
 def _sample(value: torch.Tensor) -> torch.Tensor:
