@@ -4,6 +4,11 @@ Names follow Hugging Face ``OptimizerNames`` where one exists. External baseline
 are adapters, imported only when their optimizer is built (inside ``third_party.quiet``, so a job can keep
 their chatter in a log file): a missing package raises ``ImportError`` saying what to install. A keyword the
 optimizer does not take raises ``UnknownOptionError`` naming the registry name and listing the valid ones.
+
+This library's optimizers also take a memory budget as plain settings (``budget_bpp=1.5`` or
+``budget_bytes=N``, with ``allocator``, ``warmup``, ``every``, ``patience``; ``policy.budget_options``): they
+are built with ``policy=Budget(...)`` and, from a model, with its parameter names (the fixed rule finds the
+embeddings by name).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .policy.budget_options import BUDGET_KEYS, has_budget_options, split_budget
 from .third_party import quiet
 
 
@@ -73,7 +79,15 @@ class OptimizerEntry:
             return sorted(own)
         cls = self.target_class()
         inherited = _class_keywords(cls) if cls is not None else None
-        return None if inherited is None else sorted(own | inherited)
+        if inherited is None:
+            return None
+        budget = set(BUDGET_KEYS) if self.ours and "policy" in inherited else set()
+        return sorted(own | inherited | budget)
+
+    @property
+    def takes_budget(self) -> bool:
+        """Whether a memory budget (``budget_bpp=`` / ``budget_bytes=``) can be given to this optimizer."""
+        return self.ours and "budget_bpp" in (self.keywords() or ())
 
     def check_keywords(self, kwargs: dict) -> None:
         """``UnknownOptionError`` naming this entry and its valid keywords if ``kwargs`` holds any other."""
@@ -155,12 +169,34 @@ def create_optimizer(name: str, params_or_model, **kwargs) -> torch.optim.Optimi
     if not entry.available():
         raise ImportError(f"optimizer {name!r} needs the package {entry.requires!r}: pip install {entry.requires}")
     params = params_or_model if entry.takes_model else _as_params(params_or_model)
+    if has_budget_options(kwargs):
+        params, kwargs = _with_budget(entry, params_or_model, params, kwargs)
     if entry.requires is None:
         entry.check_keywords(kwargs)
         return entry.factory(params, **kwargs)
     with quiet(f"create_optimizer({name!r})"):  # importing the baseline's package is what prints the most
         entry.check_keywords(kwargs)
         return entry.factory(params, **kwargs)
+
+
+def _with_budget(entry: OptimizerEntry, params_or_model, params, kwargs: dict) -> tuple[object, dict]:
+    """``(params, kwargs)`` with the budget settings turned into ``policy=Budget(...)`` and, from a model, its
+    parameters with their names; ``ValueError`` naming the problem (no budget for this optimizer, a policy
+    given too, a bad value)."""
+    if not entry.takes_budget:
+        takers = ", ".join(n for n in list_optimizers() if _REGISTRY[n].takes_budget)
+        raise UnknownOptionError(f"optimizer {entry.name!r} takes no memory budget (budget_bpp / budget_bytes): "
+                                 f"only this library's optimizers choose their states' codecs: {takers}")  # fmt: skip
+    entry.check_keywords(kwargs)  # a misspelt setting is named (with a suggestion) before the budget is read
+    if kwargs.get("policy") is not None:
+        raise ValueError(f"optimizer {entry.name!r}: give a memory budget or a policy, not both "
+                         f"(the budget is a policy: {', '.join(k for k in BUDGET_KEYS if k in kwargs)})")  # fmt: skip
+    try:
+        rest, budget = split_budget(kwargs)
+    except ValueError as exc:
+        raise ValueError(f"optimizer {entry.name!r}: {exc}") from None
+    named = _named(params_or_model) if isinstance(params_or_model, torch.nn.Module) else None
+    return (named if named is not None else params), {**rest, "policy": budget}
 
 
 # ------------------------------------------------------------------------------------ built-in entries
@@ -197,6 +233,35 @@ def _ours(module: str, cls_name: str, **preset):
         return cls(params, **kw)
 
     return make
+
+
+# 4-bit settings of the per-layer sensitivity study (effopt characterize): the naive baseline, with a zero-free v
+# map, and the library's 4-bit defaults
+NAIVE_4BIT = {"bits": 4, "m_map": "linear", "v_map": "linear", "m_block_size": 2048, "v_block_size": 2048,
+              "rounding": "nearest"}  # fmt: skip
+SENSITIVITY_PRESETS = {"naive": NAIVE_4BIT, "zerofree": {**NAIVE_4BIT, "v_map": "linear_nozero"}, "default4": {"bits": 4}}
+
+
+def _partial(params, *, select: str = "none", preset: str = "zerofree", **kw):
+    """QAdamW with the parameters at indices ``select`` (dot-separated, or ``none``) stored with the
+    ``SENSITIVITY_PRESETS[preset]`` settings and every other parameter in fp32: a ``ByIndex`` policy."""
+    from .optim.qadamw import QAdamW
+    from .policy import ByIndex
+    from .policy.specs import BITS_NAME
+
+    if preset not in SENSITIVITY_PRESETS:
+        raise ValueError(f"invalid preset: {preset!r} (choose one of {sorted(SENSITIVITY_PRESETS)})")
+    params = list(params)
+    chosen = set() if str(select) == "none" else {int(s) for s in str(select).split(".") if s != ""}
+    if any(i >= len(params) for i in chosen):
+        raise ValueError(f"select {select!r} names a parameter beyond the {len(params)} given")
+    kw.setdefault("bits", 32)
+    opt = QAdamW(params, **kw)
+    settings = {**opt.param_groups[0], **SENSITIVITY_PRESETS[preset]}
+    spec = BITS_NAME[settings["bits"]]
+    low = {name: opt.resolve_spec(name, spec, None, settings) for name in ("exp_avg", "exp_avg_sq")}
+    opt.policy = ByIndex(dict.fromkeys(chosen, low))  # before any state exists: every plan follows it
+    return opt
 
 
 def _adafactor(params, **kw):
@@ -343,6 +408,8 @@ register_optimizer("adamw_torchao_4bit", _torchao("AdamW4bit"), "torchao AdamW4b
 register_optimizer("galore", _ours("galore_adamw", "GaLoreAdamW"),
                    "efficient_optim GaLoreAdamW: Adam in a rank-16 gradient subspace refreshed every 50 steps (no package needed)",
                    target=_OPT + "galore_adamw:GaLoreAdamW")  # fmt: skip
+register_optimizer("qadamw_partial", _partial,
+                   "QAdamW with chosen parameters (by index) at 4-bit presets, the rest fp32 (effopt characterize)")  # fmt: skip
 register_optimizer("lowrank_adam", _ours("lowrank_adam", "LowRankAdam"),
                    "efficient_optim LowRankAdam (P7): rank-16 first moment (randomized SVD every 10 steps), factored v on matrices",
                    target=_OPT + "lowrank_adam:LowRankAdam")  # fmt: skip

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..analysis.characterization import layer_depth, layer_group  # noqa: F401  (re-exported)
-from ..registry import list_optimizers, register_optimizer
+from ..registry import NAIVE_4BIT, SENSITIVITY_PRESETS
 from .callbacks import Callback
 from .config import RunConfig
 from .metrics import write_json_atomic
@@ -45,8 +45,8 @@ from .probe_callback import StateProbeCallback
 from .runner import load_plan, run_matrix
 
 # ------------------------------------------------------------------------------------ configurations
-NAIVE = {"bits": 4, "m_map": "linear", "v_map": "linear", "m_block_size": 2048, "v_block_size": 2048, "rounding": "nearest"}
-ZERO_FREE_BASE = {**NAIVE, "v_map": "linear_nozero"}
+NAIVE = NAIVE_4BIT
+ZERO_FREE_BASE = SENSITIVITY_PRESETS["zerofree"]
 SMALL_BLOCKS = {"m_block_size": 128, "v_block_size": 128}
 ALL_FIXES = {"bits": 4, "m_block_size": 128, "v_block_size": 128, "m_map": "softsign", "v_map": "sqrt_nozero",
              "m_rounding": "stochastic", "v_rounding": "nearest", "m_correct_every": 10}  # fmt: skip
@@ -68,7 +68,6 @@ FIXES = {
 STAGE2_FIXES = ("small_blocks", "companding", "stochastic", "ec10", "ec100", "ec1000", "learned")
 
 # per-layer sensitivity presets: the 4-bit settings the selected group gets (the rest stays fp32)
-SENSITIVITY_PRESETS = {"naive": NAIVE, "zerofree": ZERO_FREE_BASE, "default4": {"bits": 4}}
 QUICK_FIXES = ("ec10", "learned")
 QUICK_STAGE2 = ("stochastic", "ec10")
 
@@ -149,38 +148,6 @@ def sensitivity_entries(names: list[tuple[str, tuple]], preset: str, min_numel: 
         sel = ".".join(str(i) for i in idx)
         out.append(Entry(f"sens:{g}", f"{g} at 4 bits ({preset})", "sensitivity", f"qadamw_partial+preset={preset}+select={sel}", group=g))
     return out
-
-
-def _partial_factory(params, *, select: str = "none", preset: str = "zerofree", **kw):
-    """QAdamW with the parameters at indices ``select`` (dot-separated, or ``none``) stored with the
-    ``SENSITIVITY_PRESETS[preset]`` settings and every other parameter in fp32. Parameter order is kept
-    (one param group per contiguous run), so probes can name parameters by position."""
-    from ..optim.qadamw import QAdamW
-
-    if preset not in SENSITIVITY_PRESETS:
-        raise ValueError(f"invalid preset: {preset!r} (choose one of {sorted(SENSITIVITY_PRESETS)})")
-    params = list(params)
-    chosen = set() if str(select) == "none" else {int(s) for s in str(select).split(".") if s != ""}
-    if any(i >= len(params) for i in chosen):
-        raise ValueError(f"select {select!r} names a parameter beyond the {len(params)} given")
-    low = SENSITIVITY_PRESETS[preset]
-    groups, run, run_sel = [], [], None
-    for i, p in enumerate(params):
-        sel = i in chosen
-        if run and sel != run_sel:
-            groups.append({"params": run, **(low if run_sel else {})})
-            run = []
-        run.append(p)
-        run_sel = sel
-    if run:
-        groups.append({"params": run, **(low if run_sel else {})})
-    kw.setdefault("bits", 32)
-    return QAdamW(groups, **kw)
-
-
-if "qadamw_partial" not in list_optimizers():
-    register_optimizer("qadamw_partial", _partial_factory,
-                       "QAdamW with chosen parameters (by index) at 4-bit presets, the rest fp32 (effopt characterize)")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ probes
