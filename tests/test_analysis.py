@@ -167,6 +167,32 @@ def test_probe_update_ratio_and_shadow_of_a_4bit_optimizer():
         assert 0 < srec["err_rel_l2"] < 1
 
 
+def test_probe_reports_what_each_codec_says_of_itself():
+    """Block size, tracked residual and codebook come from the codec (``scale_block_size``, ``residual_value``,
+    ``codebook``), for a wrapper as for the codec it wraps."""
+    from efficient_optim import HybridAdam
+    from efficient_optim.state import Quantized
+    from efficient_optim.state.error_feedback import ErrorFeedback
+    from efficient_optim.state.learned import LearnedQuantized
+
+    m, xs = model_and_data()
+    m_codec, v_codec = ErrorFeedback(Quantized(4, block_size=64)), LearnedQuantized(4, signed=False)
+    opt = HybridAdam(m.parameters(), lr=1e-3, m_codec=m_codec, v_codec=v_codec, min_quantize_numel=0)
+    probe = StateProbe(opt, m.named_parameters(), every=100, early=3).attach()
+    train(m, opt, xs[:3])
+    p = m[0].weight
+    recs = {r["state"]: r for r in probe.records if r["kind"] == "state" and r["step"] == 3 and r["param"] == "0.weight"}
+    stored = m_codec.decode(opt.state[p], "exp_avg", p)
+    exact = probe._shadow[(0, "exp_avg")]
+    assert recs["exp_avg"]["block_err_max"] == pytest.approx(error_stats(stored, exact, 64)["block_err_max"], rel=1e-9)
+    e = m_codec.residual_value(opt.state[p], "exp_avg", p)
+    assert recs["exp_avg"]["residual_norm"] == pytest.approx(float(e.norm()), rel=1e-6)
+    assert recs["exp_avg"]["residual_tracking_err"] is not None
+    assert recs["exp_avg_sq"]["levels"] == pytest.approx(v_codec.codebook(opt.state[p], "exp_avg_sq").tolist(), abs=1e-6)
+    assert "levels" not in recs["exp_avg"] and "residual_norm" not in recs["exp_avg_sq"]
+    probe.detach()
+
+
 def test_probe_records_clipping_skips_and_lowrank_stats():
     m, xs = model_and_data()
     opt = QAdamW(m.parameters(), lr=1e-3, bits=8)

@@ -11,6 +11,8 @@ from efficient_optim.analysis.decomposition import (
     classify,
     codec_kind,
     decompose_errors,
+    describe_codec,
+    is_exact,
     parse_hybrid_config,
     predictions,
     variant_configs,
@@ -131,9 +133,54 @@ def test_variants_split_any_combination():
     assert (v["quant"]["m_codec"], v["quant"]["v_codec"]) == ("fp32", "4bit")
     assert (v["factor"]["m_codec"], v["factor"]["v_codec"]) == ("lowrank", "fp32")
     assert (v["both"]["m_codec"], v["both"]["v_codec"]) == ("lowrank", "4bit")
-    assert all(c["rank"] == 4 and c["seed"] == 3 for c in v.values())
+    assert all(c["seed"] == 3 for c in v.values())
+    # options only a replaced codec uses are dropped (HybridAdam refuses an option with no effect)
+    assert [c.get("rank") for c in v.values()] == [None, None, 4, 4]
+    v = variant_configs({"m_codec": "4bit", "v_codec": "factored", "m_map": "linear", "m_block_size": 64,
+                         "rounding": "stochastic"})  # fmt: skip
+    assert [c.get("m_map") for c in v.values()] == [None, "linear", None, "linear"]
+    assert [c.get("m_block_size") for c in v.values()] == [None, 64, None, 64]
+    assert [c.get("rounding") for c in v.values()] == [None, "stochastic", None, "stochastic"]
     assert codec_kind(Quantized(bits=8)) == "quant" and codec_kind("factored") == "factor"
     assert parse_hybrid_config("m_codec=8bit+beta2=0.99")["betas"] == (0.9, 0.99)
+
+
+def test_a_configuration_with_options_of_one_codec_runs():
+    # rank and v's map belong to the lowrank m and the 8-bit v: the shadows that replace them drop them
+    model, loss_fn = _problem()
+    r = decompose_errors(model, "hybrid_adam+m_codec=lowrank+v_codec=8bit+rank=4+v_map=linear_nozero", steps=3,
+                         every=3, loss_fn=loss_fn)  # fmt: skip
+    layer = next(x for x in r["layers"] if x["name"] == "0.weight")
+    assert layer["codecs"]["both"] == {"m": "lowrank(r=4)", "v": "8bit"}
+    assert not {"rank", "v_map"} & set(r["variants"]["dense"]) and r["variants"]["both"]["rank"] == 4
+    assert r["summary"]["measured_steps"] == 1
+
+
+def test_codecs_describe_themselves_for_the_decomposition():
+    from efficient_optim.state import Dense, Factored
+    from efficient_optim.state.corrected import ErrorCorrected
+    from efficient_optim.state.error_feedback import ErrorFeedback
+    from efficient_optim.state.learned import LearnedQuantized
+    from efficient_optim.state.lowrank import LowRank
+
+    matrix, vector = torch.zeros(128, 64), torch.zeros(8192)
+    # codec -> (source of error, name on a matrix, name on a vector, exact on the vector)
+    cases = {
+        Dense(): ("dense", "fp32", "fp32", True),
+        Dense(torch.bfloat16): ("quant", "bf16", "bf16", False),
+        Quantized(bits=4): ("quant", "4bit", "4bit", False),
+        LearnedQuantized(bits=4): ("quant", "4bit-learned", "4bit-learned", False),
+        Factored(): ("factor", "factored", "fp32", True),
+        LowRank(rank=4): ("factor", "lowrank(r=4)", "fp32", True),
+        ErrorCorrected(Quantized(bits=4)): ("quant", "4bit (ErrorCorrected)", "4bit (ErrorCorrected)", False),
+        ErrorFeedback(LowRank(rank=4)): ("factor", "lowrank(r=4) (ErrorFeedback)", "fp32 (ErrorFeedback)", True),
+    }
+    for codec, (kind, on_matrix, on_vector, exact) in cases.items():
+        assert codec_kind(codec) == kind, codec
+        assert (describe_codec(codec, matrix), describe_codec(codec, vector)) == (on_matrix, on_vector), codec
+        assert is_exact(codec, vector) == exact and is_exact(codec, matrix) == (kind == "dense"), codec
+    with pytest.raises(ValueError, match="unknown codec 'int3'"):
+        codec_kind("int3")
 
 
 @pytest.mark.parametrize(

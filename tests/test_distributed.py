@@ -44,13 +44,14 @@ FLOAT_TOL = 1e-5
 LR, STEPS = 3e-3, 6  # as in dist_worker.py
 
 
-def launch(out: Path, world: int = 2, timeout: float = LAUNCH_TIMEOUT_S) -> dict:
-    """Run ``world`` ranks of the worker; their results, or an error with the tail of their logs."""
+def launch(out: Path, world: int = 2, timeout: float = LAUNCH_TIMEOUT_S, worker: Path = WORKER) -> dict:
+    """Run ``world`` ranks of ``worker`` (default ``dist_worker.py``; run as ``python worker RANK WORLD STORE
+    OUT``, rank 0 writes ``OUT/results.json``); their results, or an error with the tail of their logs."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if sys.platform.startswith("linux") and os.path.exists("/sys/class/net/lo"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no dependence on the host name resolving
     logs = [open(out / f"rank{r}.log", "w") for r in range(world)]  # noqa: SIM115 (closed below)
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(out / "store"), str(out)],
+    procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(world), str(out / "store"), str(out)],
                               stdout=logs[r], stderr=subprocess.STDOUT, env=env) for r in range(world)]  # fmt: skip
     deadline, timed_out = time.monotonic() + timeout, False
     try:

@@ -17,6 +17,7 @@ VARIANTS = ("dense", "quant", "factor", "both")
 NAMED_CODECS: dict[str, StateCodec] = {"fp32": Dense(), "bf16": Dense(torch.bfloat16), "8bit": Quantized(8),
                                        "4bit": Quantized(4), "factored": Factored(), "lowrank": LowRank()}  # fmt: skip
 SOURCE_OF_ERROR_KIND = {"none": "dense", "quantization": "quant", "factorization": "factor", "lowrank": "factor"}
+_ROUNDED_NAMES = ("bf16", "8bit", "4bit")  # the names whose codecs take a rounding mode
 
 
 def parse_hybrid_config(config: str | dict | None) -> dict:
@@ -88,7 +89,10 @@ def variant_configs(kwargs: dict) -> dict[str, dict]:
     """The four shadows' HybridAdam options from the user's: dense, quant alone, factor alone, both.
 
     "Alone" keeps the user's codec for the moments of that kind and puts fp32 in the others; every other
-    option is kept. ``lr`` / ``weight_decay`` are dropped (the shadows use 1 and 0).
+    option is kept, except those that only the replaced codecs use (HybridAdam refuses an option with no
+    effect): ``{m,v}_map`` / ``_block_size`` / ``_rounding`` of a moment set to fp32, ``rank`` without a
+    ``"lowrank"`` moment, ``rounding`` without a rounded (``bf16``, ``8bit``, ``4bit``) one. ``lr`` /
+    ``weight_decay`` are dropped (the shadows use 1 and 0).
     """
     base = {k: v for k, v in kwargs.items() if k not in ("lr", "weight_decay")}
     chosen = {"m": base.get("m_codec", "4bit"), "v": base.get("v_codec", "factored")}
@@ -98,6 +102,14 @@ def variant_configs(kwargs: dict) -> dict[str, dict]:
         for prefix, choice in chosen.items():
             keep = variant == "both" or codec_kind(choice) == variant
             cfg[f"{prefix}_codec"] = choice if keep else "fp32"
+            if not keep:
+                for option in ("map", "block_size", "rounding"):
+                    cfg.pop(f"{prefix}_{option}", None)
+        codecs = (cfg["m_codec"], cfg["v_codec"])
+        if "lowrank" not in codecs:
+            cfg.pop("rank", None)
+        if not any(c in _ROUNDED_NAMES for c in codecs):
+            cfg.pop("rounding", None)
         out[variant] = cfg
     return out
 
