@@ -117,6 +117,11 @@ def _local_shard(p, g, mc, vc, hp: AdamStep):
     return p.to_local(), g.to_local(), mc.inner, vc.inner, hp
 
 
+def _kernels_for(device_type: str):
+    provider = PROVIDERS.get(device_type)
+    return provider() if provider is not None else None
+
+
 def fused_adam_step(rule: str, p, g, state: dict, mc, vc, hp: AdamStep) -> bool:
     """Step ``p`` with the fused kernel of ``(rule, mc.kernel_kind, vc.kernel_kind)`` on ``p``'s device when
     the table has one that applies; False (nothing changed) otherwise."""
@@ -130,10 +135,54 @@ def fused_adam_step(rule: str, p, g, state: dict, mc, vc, hp: AdamStep) -> bool:
     entry = ADAM_KERNELS.get((rule, mc.kernel_kind, vc.kernel_kind))
     if entry is None or not _plain_fp32(p, g, p.device.type) or not entry.applies(p, g, mc, vc):
         return False
-    provider = PROVIDERS.get(p.device.type)
-    kernels = provider() if provider is not None else None
+    kernels = _kernels_for(p.device.type)
     fn = getattr(kernels, entry.entry, None) if kernels is not None else None
     if fn is None:
         return False
     entry.call(fn, p, g, state, mc, vc, hp)
     return True
+
+
+MULTI_ENTRY = {("adamw", "quantized", "quantized"): "adamw_quantized_multi_step"}
+
+
+class FusedAdamBatch:
+    """The parameters of one group's step that a multi-tensor kernel steps in one launch.
+
+    ``step(p, g, state, mc, vc, hp)`` queues a contiguous plain parameter whose device's kernels have a
+    multi-tensor entry for ``(rule, m kind, v kind)`` (Triton on CUDA: ``adamw_quantized_multi_step``), or steps
+    it at once through ``fused_adam_step`` otherwise (the CPU kernels step one tensor per call); it returns
+    False when no fused kernel applies (nothing changed). ``run()`` launches once per set of parameters that
+    share their codecs (maps, widths, rounding and block size) and device.
+    """
+
+    def __init__(self, rule: str):
+        self.rule = rule
+        self._queued: dict[tuple, list] = {}
+
+    def step(self, p, g, state: dict, mc, vc, hp: AdamStep) -> bool:
+        key = (self.rule, mc.kernel_kind, vc.kernel_kind)
+        entry = ADAM_KERNELS.get(key)
+        multi = MULTI_ENTRY.get(key)
+        if (multi is None or entry is None or sharded.is_dtensor(p) or not p.is_contiguous()
+                or not _plain_fp32(p, g, p.device.type) or not entry.applies(p, g, mc, vc)):  # fmt: skip
+            return fused_adam_step(self.rule, p, g, state, mc, vc, hp)
+        kernels = _kernels_for(p.device.type)
+        if getattr(kernels, multi, None) is None:
+            return fused_adam_step(self.rule, p, g, state, mc, vc, hp)
+        self._queued.setdefault((p.device, mc, vc, g.dtype), []).append((p, g, state, hp))
+        return True
+
+    def run(self) -> None:
+        for (device, mc, vc, _), items in self._queued.items():
+            fn = getattr(_kernels_for(device.type), MULTI_ENTRY[(self.rule, mc.kernel_kind, vc.kernel_kind)])
+            ms = [mc.kernel_operands(state, "exp_avg") for _, _, state, _ in items]
+            vs = [vc.kernel_operands(state, "exp_avg_sq") for _, _, state, _ in items]
+            hps = [hp for *_, hp in items]
+            m0, v0, hp0 = ms[0], vs[0], hps[0]
+            fn([p for p, *_ in items], [g for _, g, *_ in items],
+               [m[0] for m in ms], [m[1] for m in ms], m0[2], m0[3], m0[4], m0[5], m0[6], [h.m_salt for h in hps],
+               [v[0] for v in vs], [v[1] for v in vs], v0[2], v0[3], v0[4], v0[5], v0[6], [h.v_salt for h in hps],
+               mc.block_size, hp0.lr, hp0.beta1, hp0.beta2, hp0.eps, hp0.weight_decay,
+               [h.step_size for h in hps], [h.bias_correction2_sqrt for h in hps])  # fmt: skip
+        self._queued = {}

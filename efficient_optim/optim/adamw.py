@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 
 from ..kernels.cpu import load_cpu_kernels
-from ..kernels.dispatch import AdamStep, fused_adam_step
+from ..kernels.dispatch import AdamStep, FusedAdamBatch
 from ..policy.policies import Policy
 from ..policy.specs import check_spec
 from ..quant import MAP_NAMES, SCALE_DTYPES, QuantMap, mix_salt
@@ -166,7 +166,7 @@ class AdamW(CodecOptimizer):
     # ---------------------------------------------------------------------------------------- step
     def update(self, work):
         for group, items in work:
-            dense = DenseAdamWBatch()
+            dense, fused = DenseAdamWBatch(), FusedAdamBatch(self.rule)
             for index, p, g in items:
                 codecs = self.codecs(p, group)
                 state = self._init_or_check_state(p, group, codecs, index)
@@ -176,10 +176,10 @@ class AdamW(CodecOptimizer):
                     self._reference_step(group, index, p, g, state, codecs)
                 elif mc.is_dense_fp32 and vc.is_dense_fp32 and dense.accepts(p, g):
                     dense.add(p, g, state["exp_avg"], state["exp_avg_sq"], state["step"])
-                elif group.get("fused") is False or not fused_adam_step(self.rule, p, g, state, mc, vc,
-                                                                      self._adam_step(group, index, state)):
+                elif group.get("fused") is False or not fused.step(p, g, state, mc, vc, self._adam_step(group, index, state)):
                     self._reference_step(group, index, p, g, state, codecs)
             dense.run(group)
+            fused.run()
 
     def _salt(self, group: dict, index: int, state_name: str, step: int) -> int:
         return mix_salt(group["seed"], index, STATE_IDS[state_name], step)

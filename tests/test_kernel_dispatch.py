@@ -1,0 +1,67 @@
+"""The one kernel-dispatch table: an optimizer steps through whatever kernels the device's provider has.
+
+Triton's kernels run here under its interpreter (``TRITON_INTERPRET=1``, CPU tensors): with them installed as
+the CPU provider, QAdamW and HybridAdam must store exactly the parameters, codes and scales of the C++ kernels,
+with the quantized pairs of a group stepped in one multi-tensor launch.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import efficient_optim as eo  # noqa: E402
+from efficient_optim.kernels import dispatch  # noqa: E402
+from efficient_optim.kernels.cpu import load_cpu_kernels  # noqa: E402
+
+
+def _run(make, steps=3):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in ((48, 128), (64, 96), (200,), (32, 256))]
+    opt = make(params)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+        opt.step()
+    return [p.detach().clone() for p in params], opt
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: eo.QAdamW(ps, bits=8, min_quantize_numel=0),
+    lambda ps: eo.QAdamW(ps, bits=4, min_quantize_numel=0),
+    lambda ps: eo.HybridAdam(ps, min_quantize_numel=0),
+], ids=["qadamw8", "qadamw4", "hybrid_adam"])  # fmt: skip
+def test_triton_provider_steps_like_the_cpu_kernels_with_one_launch_per_group(make, monkeypatch):
+    if load_cpu_kernels() is None:
+        pytest.skip("the C++ kernels are not available here")
+    from test_triton_kernels import _load_kernels
+
+    expected, ref_opt = _run(make)
+    triton = _load_kernels(interpret=True)
+    launches = []
+    multi = triton.adamw_quantized_multi_step
+
+    def counted(params, *args, **kwargs):
+        launches.append(len(params))
+        return multi(params, *args, **kwargs)
+
+    namespace = types.SimpleNamespace(**{k: getattr(triton, k) for k in dir(triton) if not k.startswith("_")})
+    namespace.adamw_quantized_multi_step = counted
+    monkeypatch.setitem(dispatch.PROVIDERS, "cpu", lambda: namespace)
+    got, opt = _run(make)
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+    for p_ref, p in zip(ref_opt.state, opt.state):
+        for key, t in ref_opt.state[p_ref].items():
+            assert torch.equal(t, opt.state[p][key]), key
+    if isinstance(opt, eo.HybridAdam):
+        assert not launches  # quantized m + factored v: single-tensor kernel
+    else:
+        assert launches == [4, 4, 4]  # the group's four quantized tensors in one launch per step
