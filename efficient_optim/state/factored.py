@@ -78,7 +78,8 @@ class Factored(StateCodec):
     def for_dtensor(self, param):
         """Row/column statistics as DTensors (``sharded.ShardedFactored``): sharded along the parameter's
         sharded dims, replicated across them; the whole state on every rank for other placements."""
-        from .sharded import ShardedFactored, reduced_placements
+        from .dtensor_shards import reduced_placements
+        from .sharded import ShardedFactored
 
         rows = reduced_placements(param, -1)
         cols = reduced_placements(param, -2) if param.dim() >= 2 else None

@@ -289,7 +289,8 @@ class LowRank(StateCodec):
     def for_dtensor(self, param):
         """For dim-0 (FSDP2 row) shards: the factor whose rows are the parameter's rows sharded like them, the
         other replicated (``sharded.ShardedLowRank``); the whole state on every rank for other placements."""
-        from .sharded import ShardedLowRank, shards_rows_only
+        from .dtensor_shards import shards_rows_only
+        from .sharded import ShardedLowRank
 
         if shards_rows_only(param):
             return ShardedLowRank(self)

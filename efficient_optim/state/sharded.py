@@ -39,7 +39,9 @@ states (quantized codes and scales) are exported by ``state_dict()`` as DTensors
 only into the same sharding of the parameter (``load_local_states`` raises a ``ValueError`` naming the
 parameter otherwise, and DCP itself refuses the size mismatch).
 
-See docs/distributed.md for the design and its costs.
+What a shard is (``is_dtensor``, ``local``, ``shard_salt``, ``resolve_partial``, ``first_nonfinite``, ...)
+lives in ``state.dtensor_shards``; those names are importable from here too. See docs/distributed.md for
+the design and its costs.
 """
 
 from __future__ import annotations
@@ -50,98 +52,29 @@ import warnings
 
 import torch
 
-from ..quant.rounding import mix_salt
 from .codec import StateCodec
 from .dense import Dense, round_to_bf16_stochastic
+from .dtensor_shards import (
+    as_dtensor,
+    compute_local_shape_and_global_offset,
+    contiguous_stride,
+    first_nonfinite,  # noqa: F401 (the optimizers call it as sharded.first_nonfinite)
+    is_dtensor,
+    local,
+    max_local_shape,
+    resolve_partial,
+    resolved_local,
+    shape_carrier,
+    shard_salt,
+    zeros_with_placements,
+)
 from .factored import TINY, Factored
 from .lowrank import LowRank
 
 try:  # torch.distributed may be compiled out
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 except ImportError:  # pragma: no cover
     DTensor = None
-
-_GOLDEN = 0x9E3779B9  # the hash's counter multiplier (quant.rounding.uniform_from_hash, kernels/cpu_adamw.cpp)
-_MASK32 = 0xFFFFFFFF
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def is_dtensor(t) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter or gradient)."""
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (an alias: in-place changes reach the DTensor); ``t`` otherwise."""
-    return t.to_local() if is_dtensor(t) else t
-
-
-def as_dtensor(x: torch.Tensor, like) -> torch.Tensor:
-    """The local tensor ``x`` (shaped like ``like``'s shard) as a DTensor with ``like``'s layout."""
-    return DTensor.from_local(x, like.device_mesh, like.placements, run_check=False, shape=like.shape,
-                              stride=like.stride())  # fmt: skip
-
-
-def resolve_partial(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor whose pending partial reductions (sums, means over a sharded dim) are completed; ``t`` as is
-    otherwise. (``float()`` of a partial DTensor would return this rank's part only.)"""
-    if is_dtensor(t) and any(pl.is_partial() for pl in t.placements):
-        return t.redistribute(t.device_mesh, [Replicate() if pl.is_partial() else pl for pl in t.placements])
-    return t
-
-
-def _resolved_local(value: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor value, reducing pending partial sums first."""
-    return resolve_partial(value).to_local()
-
-
-def shard_salt(salt: int, t) -> int:
-    """The stochastic-rounding salt for the local shard of DTensor ``t``.
-
-    The hash draws ``fmix32(i * golden + salt)`` for element ``i``; for a shard that is one contiguous
-    range of the global tensor starting at flat offset ``o`` (dim-0 sharding), adding ``o * golden`` to the
-    salt draws for local element ``i`` the number of global element ``o + i``. Other shardings mix their
-    offsets into the salt (reproducible, not equal to the unsharded draws).
-    """
-    if not is_dtensor(t):
-        return salt
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    if tuple(shape[1:]) == tuple(t.shape[1:]):
-        row = math.prod(t.shape[1:])
-        return (salt + offset[0] * row * _GOLDEN) & _MASK32 if shape else salt
-    return mix_salt(salt, *offset)
-
-
-def _shape_carrier(shape, like: torch.Tensor) -> torch.Tensor:
-    """A tensor of ``shape`` holding no memory (an expanded scalar): codecs read only its shape/dtype/device."""
-    return torch.empty((), dtype=like.dtype, device=like.device).expand(*shape)
-
-
-def max_local_shape(param) -> tuple[int, ...]:
-    """The largest shard shape of DTensor ``param`` over the ranks (``torch.chunk`` semantics: the first)."""
-    shape = list(param.shape)
-    for mesh_dim, pl in enumerate(param.placements):
-        if pl.is_shard():
-            d = pl.dim % len(shape)
-            shape[d] = -(-shape[d] // param.device_mesh.size(mesh_dim))
-    return tuple(shape)
-
-
-def _zeros(shape, like, placements, dtype=torch.float32) -> torch.Tensor:
-    """A zero DTensor of global ``shape`` on ``like``'s mesh with ``placements`` (local memory only)."""
-    local_shape, _ = compute_local_shape_and_global_offset(torch.Size(shape), like.device_mesh, placements)
-    data = torch.zeros(local_shape, dtype=dtype, device=local(like).device)
-    return DTensor.from_local(data, like.device_mesh, placements, run_check=False, shape=torch.Size(shape),
-                              stride=_contiguous_stride(shape))  # fmt: skip
-
-
-def _contiguous_stride(shape) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for s in reversed(tuple(shape)):
-        stride.append(acc)
-        acc *= max(int(s), 1)
-    return tuple(reversed(stride))
 
 
 # ------------------------------------------------------------------------------------------ adapters
@@ -214,7 +147,7 @@ class ShardLocal(ShardAdapter):
     def encode(self, state, name, value, *, salt=0, **kw):
         if is_dtensor(value):
             salt = shard_salt(salt, value)
-            value = _resolved_local(value)
+            value = resolved_local(value)
         self.inner.encode(state, name, value, salt=salt, **kw)
 
 
@@ -235,36 +168,9 @@ class ShardedDense(ShardAdapter):
         if value is t:
             return
         if self.inner.rounding == "stochastic" and is_dtensor(value):
-            local(t).copy_(round_to_bf16_stochastic(_resolved_local(value), shard_salt(salt, value)))
+            local(t).copy_(round_to_bf16_stochastic(resolved_local(value), shard_salt(salt, value)))
         else:
             t.copy_(value)
-
-
-def reduced_placements(param, dropped: int) -> list | None:
-    """Placements of a statistic of ``param`` that averages over dim ``dropped`` (negative index).
-
-    A shard along a kept dim stays a shard (renumbered); one along the dropped dim becomes a replica
-    (the statistic is reduced across ranks). None when a placement is not a plain ``Shard``/``Replicate``.
-    """
-    ndim = param.dim()
-    dropped %= ndim
-    out = []
-    for pl in param.placements:
-        if type(pl) is Replicate:
-            out.append(Replicate())
-        elif type(pl) is Shard:
-            d = pl.dim % ndim
-            out.append(Replicate() if d == dropped else Shard(d if d < dropped else d - 1))
-        else:
-            return None
-    return out
-
-
-def shards_rows_only(param) -> bool:
-    """Whether DTensor ``param`` is replicated or sharded along dim 0 only on every mesh dim (FSDP2's layout)."""
-    return all(type(pl) is Replicate or (type(pl) is Shard and pl.dim % max(param.dim(), 1) == 0)
-               for pl in param.placements)  # fmt: skip
-
 
 class ShardedFactored(ShardAdapter):
     """Row/column statistics of a sharded matrix kept as DTensors, so they are those of the global matrix.
@@ -289,8 +195,8 @@ class ShardedFactored(ShardAdapter):
             state[name] = torch.zeros_like(param, dtype=torch.float32)
             return
         shape = tuple(param.shape)
-        state[f"{name}.row"] = _zeros(shape[:-1], param, self.row_placements)
-        state[f"{name}.col"] = _zeros(shape[:-2] + shape[-1:], param, self.col_placements)
+        state[f"{name}.row"] = zeros_with_placements(shape[:-1], param, self.row_placements)
+        state[f"{name}.col"] = zeros_with_placements(shape[:-2] + shape[-1:], param, self.col_placements)
 
     def decode(self, state, name, param):
         if not self.inner.factors(param):
@@ -342,7 +248,7 @@ class ShardedLowRank(ShardAdapter):
             return
         replicated, sharded_key = [Replicate()] * param.device_mesh.ndim, self._sharded_key(name, param)
         for key, (shape, dtype) in self.inner.expected(name, param).items():
-            state[key] = _zeros(shape, param, param.placements if key == sharded_key else replicated, dtype)
+            state[key] = zeros_with_placements(shape, param, param.placements if key == sharded_key else replicated, dtype)
 
     def decode(self, state, name, param):
         if name in state:
@@ -371,7 +277,7 @@ class ShardedLowRank(ShardAdapter):
             rows = local(shard)
             rows.copy_(full[offset[0] : offset[0] + rows.shape[0]])
             return
-        p = _resolved_local(value)
+        p = resolved_local(value)
         x = p.reshape(p.shape[0], -1).float()  # this rank's rows of P
         if self.inner.nonnegative:
             x = x.clamp_min(0).sqrt_()
@@ -404,21 +310,21 @@ class Replicated(ShardAdapter):
                           "every rank and the value is all-gathered at each step", RuntimeWarning, stacklevel=4)  # fmt: skip
 
     def expected(self, name, param):
-        return self.inner.expected(name, _shape_carrier(param.shape, local(param)))
+        return self.inner.expected(name, shape_carrier(param.shape, local(param)))
 
     def init(self, state, name, param):
-        self.inner.init(state, name, _shape_carrier(param.shape, local(param)))
+        self.inner.init(state, name, shape_carrier(param.shape, local(param)))
 
     def decode(self, state, name, param):
         from torch.distributed.tensor import distribute_tensor
 
-        full = self.inner.decode(state, name, _shape_carrier(param.shape, local(param)))
+        full = self.inner.decode(state, name, shape_carrier(param.shape, local(param)))
         return distribute_tensor(full.contiguous(), param.device_mesh, param.placements, src_data_rank=None)
 
     def residual_value(self, state, name, param):
         from torch.distributed.tensor import distribute_tensor
 
-        e = self.inner.residual_value(state, name, _shape_carrier(param.shape, local(param)))
+        e = self.inner.residual_value(state, name, shape_carrier(param.shape, local(param)))
         return None if e is None else distribute_tensor(e.contiguous(), param.device_mesh, param.placements,
                                                           src_data_rank=None)  # fmt: skip
 
@@ -450,36 +356,6 @@ def dtensor_codecs(fn):
     codecs._dtensor_aware = True
     return codecs
 
-
-# ------------------------------------------------------------------------------ non-finite agreement
-def first_nonfinite(work, check) -> int | None:
-    """The first parameter index whose gradient is not finite, agreed by every rank holding DTensor shards.
-
-    ``check(tensor) -> bool`` tests one plain tensor. For DTensor gradients each rank tests its shard and
-    the ranks all-reduce the minimum bad index over each mesh (one int64 per mesh dimension), so either
-    every rank skips the step or none does.
-    """
-    bad, meshes = None, {}
-    for _, items in work:
-        for index, _, g in items:
-            if is_dtensor(g):
-                meshes.setdefault(g.device_mesh, None)
-                g = g.to_local()
-            if bad is None and g.numel() and check(g):
-                bad = index
-    if not meshes:
-        return bad
-    import torch.distributed as dist
-
-    none = torch.iinfo(torch.int64).max
-    for mesh in meshes:
-        flag = torch.tensor([none if bad is None else bad], dtype=torch.int64, device=mesh.device_type)
-        for dim in range(mesh.ndim):
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=mesh.get_group(dim))
-        bad = None if int(flag) == none else int(flag)
-    return bad
-
-
 # ------------------------------------------------------------------------------------ checkpoints
 def _layout(param) -> tuple[list[int], list]:
     """Mesh dims that shard ``param``, and the placements of a ``(shards..., n)`` layout tensor."""
@@ -490,7 +366,7 @@ def _layout(param) -> tuple[list[int], list]:
 
 def _layout_shape(codec: ShardLocal, name: str, key: str, param) -> tuple[int, ...]:
     dims, _ = _layout(param)
-    shape, _ = codec.inner.expected(name, _shape_carrier(max_local_shape(param), local(param)))[key]
+    shape, _ = codec.inner.expected(name, shape_carrier(max_local_shape(param), local(param)))[key]
     return tuple(param.device_mesh.size(i) for i in dims) + (math.prod(shape),)
 
 
@@ -527,7 +403,7 @@ def export_local_states(opt, state_dict: dict) -> dict:
         dims, placements = _layout(p)
         data = flat.view((1,) * len(dims) + (shape[-1],))
         states[index][key] = DTensor.from_local(data, p.device_mesh, placements, run_check=False,
-                                                shape=torch.Size(shape), stride=_contiguous_stride(shape))  # fmt: skip
+                                                shape=torch.Size(shape), stride=contiguous_stride(shape))  # fmt: skip
     return state_dict
 
 
