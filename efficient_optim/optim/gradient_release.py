@@ -20,19 +20,33 @@ Limits (by construction, not by omission):
   gradient is bad skip their update (a normal step would skip all of them).
 - ``optimizer.step()`` raises while release is on (a second step would be a silent no-op or a double step).
 - Only this library's optimizers (they can step one parameter); torch's and external ones raise ``TypeError``.
+
+``compressor=`` (an ``efficient_optim.compress`` compressor, e.g. ``ErrorFeedback(Quantize(4))``) compresses
+each gradient before its parameter is stepped: the step sees ``decompress(compress(g))``, the error-feedback
+residual (kept compressed, per parameter) carries what was lost to the next step. This saves no memory (the
+gradient is freed at once anyway; the residual adds to it): it is the per-layer gradient a sharded or
+data-parallel step would receive, and where gradient bits meet the optimizer's state bits (docs/mango.md).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..compress.feedback import as_gradient_compressor
 from .base import CodecOptimizer
 
 
 class GradientRelease:
-    """The handle ``enable_gradient_release`` returns: ``remove()`` restores normal steps."""
+    """The handle ``enable_gradient_release`` returns: ``remove()`` restores normal steps.
 
-    def __init__(self, model: torch.nn.Module, optimizer: CodecOptimizer):
+    Args:
+        model: the module whose trainable parameters are stepped during backward.
+        optimizer: an efficient_optim optimizer holding every trainable parameter of ``model``.
+        compressor: compress each gradient before its step (a ``Compressor`` or ``GradientCompressor`` of
+            ``efficient_optim.compress``; default None: the exact gradient).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: CodecOptimizer, compressor=None):
         if not isinstance(optimizer, CodecOptimizer):
             raise TypeError(
                 f"gradient release needs an optimizer of efficient_optim (it steps one parameter at a time); "
@@ -46,15 +60,40 @@ class GradientRelease:
         if missing:
             raise ValueError(f"parameters not handled by the optimizer: {', '.join(missing[:5])}")
         self.optimizer = optimizer
+        self.compressor = as_gradient_compressor(compressor) if compressor is not None else None
+        self._keys = {p: i for i, p in enumerate(params)}  # the compressor's state is kept per parameter
         self._hooks = [p.register_post_accumulate_grad_hook(self._step) for p in params]
         optimizer._release = self
 
     def _step(self, param: torch.Tensor) -> None:
+        if self.compressor is not None and param.grad is not None:
+            self._compress(param)
         self.optimizer.step_param(param)
         param.grad = None
         # LR schedulers check this flag (set by optimizer.step) to warn about a scheduler stepped before
         # any optimizer step; here the optimizer did step, during backward
         self.optimizer._opt_called = True
+
+    @torch.no_grad()
+    def _compress(self, param: torch.Tensor) -> None:
+        key = self._keys[param]
+        try:
+            payload = self.compressor.compress(key, param.grad)
+        except FloatingPointError:  # left as is: the optimizer's non-finite policy skips or raises
+            return
+        param.grad = self.compressor.decompress(key, payload).view_as(param).to(param.grad.dtype)
+
+    def compressor_state_nbytes(self) -> int:
+        """Bytes the compressor keeps between steps (error-feedback residuals); 0 without one."""
+        return 0 if self.compressor is None else self.compressor.state_nbytes()
+
+    def state_dict(self) -> dict:
+        """The compressor's state (residuals; empty without a compressor): save it to resume exactly."""
+        return {} if self.compressor is None else {"compressor": self.compressor.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.compressor is not None:
+            self.compressor.load_state_dict(state["compressor"])
 
     def remove(self) -> None:
         """Remove the hooks; ``optimizer.step()`` works again."""
@@ -68,6 +107,7 @@ class GradientRelease:
         return bool(self._hooks)
 
 
-def enable_gradient_release(model: torch.nn.Module, optimizer: CodecOptimizer) -> GradientRelease:
-    """Step ``optimizer`` per parameter during ``backward()`` and free each gradient; see the module doc."""
-    return GradientRelease(model, optimizer)
+def enable_gradient_release(model: torch.nn.Module, optimizer: CodecOptimizer, compressor=None) -> GradientRelease:
+    """Step ``optimizer`` per parameter during ``backward()`` and free each gradient; see the module doc.
+    ``compressor`` (default None) compresses each gradient before its step, with its error feedback."""
+    return GradientRelease(model, optimizer, compressor)

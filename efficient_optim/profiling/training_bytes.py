@@ -6,7 +6,11 @@
 - ``grads``: gradient bytes at the step's peak. Without gradient release every trainable parameter's
   gradient exists at ``optimizer.step()`` (same dtype and size as the parameter); with gradient release
   (``enable_gradient_release``) a gradient lives only until its parameter is stepped, so the figure is the
-  largest single gradient — a lower bound of what autograd holds at once, stated as such in the docs.
+  largest single gradient — a lower bound of what autograd holds at once, stated as such in the docs —
+  plus the release compressor's residuals if it has one. With compressed accumulation
+  (``accumulator=``, an ``efficient_optim.compress.GradAccumulator``) it is the accumulator's figure: its
+  compressed buffers + residuals + the full gradients alive at the step (``GradAccumulator.gradient_bytes``).
+- ``grad_buffers``: the part of ``grads`` held compressed (accumulation buffers, residuals).
 - ``states``: ``state_bytes(optimizer)`` without the weight-correction buffers.
 - ``corrections``: the master-weight corrections (``weight_correction``, ``weight_kahan``).
 - ``total`` and ``per_param`` (total / number of parameters).
@@ -31,17 +35,26 @@ def _storage_bytes(tensors) -> int:
     return total
 
 
-def training_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Bytes of params, grads (at the step's peak), states and corrections; see the module doc."""
+def training_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accumulator=None) -> dict:
+    """Bytes of params, grads (at the step's peak), states and corrections; see the module doc.
+    ``accumulator``: the ``GradAccumulator`` the gradients go through (default None: plain ``p.grad``)."""
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     grad_sizes = [p.numel() * p.element_size() for p in trainable]
-    released = getattr(optimizer, "_release", None) is not None
+    release = getattr(optimizer, "_release", None)
+    released = release is not None
+    if accumulator is not None:
+        accumulated = accumulator.gradient_bytes()
+        grad_buffers, grads = accumulated["buffers"] + accumulated["state"], accumulated["total"]
+    else:
+        grad_buffers = getattr(release, "compressor_state_nbytes", int)()  # release's residuals, if compressed
+        grads = (max(grad_sizes, default=0) if released else sum(grad_sizes)) + grad_buffers
     rows = state_breakdown(optimizer)
     is_correction = lambda key: key.split(".")[0] in correction_keys()  # noqa: E731
     out = {
         "params": _storage_bytes(params),
-        "grads": (max(grad_sizes, default=0) if released else sum(grad_sizes)),
+        "grads": grads,
+        "grad_buffers": grad_buffers,
         "states": sum(r["nbytes"] for r in rows if not is_correction(r["key"])),
         "corrections": sum(r["nbytes"] for r in rows if is_correction(r["key"])),
         "gradient_release": released,
