@@ -31,7 +31,7 @@ def test_every_file_of_the_folder_is_a_protocol_found_by_name_and_id():
         assert get_protocol(name) is get_protocol(alias) is get_protocol(alias.upper())
         assert get_protocol(name).protocol_id.lower() == alias and alias in get_protocol(name).title.lower()
     assert get_protocol("lr-sweep") is not None and get_protocol("nosuch") is None
-    assert [p.name for p in found][:3] == ["baselines", "lowrank-adam", "weight-splitting"]  # ids first, in order
+    assert [p.name for p in found][:4] == ["baselines", "adaptive", "lowrank-adam", "weight-splitting"]  # ids first, in order
 
 
 def test_suite_list_shows_names_and_their_ids(capsys):

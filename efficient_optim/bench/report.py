@@ -334,6 +334,7 @@ def build_report(out: Path, title: str | None = None, extra_sections: list[str] 
         extra_sections: markdown appended after the table (a suite's verdicts).
         target_ppl: perplexity for the table's steps-to-target column (default: the runs' ``target_ppl``).
     """
+    from .plan_report import plan_section
     from .report_plots import plot
 
     summary = collect_summary(out, load_plan(out), json.loads((out / "summary.json").read_text()).get("command")
@@ -353,6 +354,9 @@ def build_report(out: Path, title: str | None = None, extra_sections: list[str] 
     if summary["pending"]:
         lines += ["## Not run yet", "", "Resume with `--resume`: " + ", ".join(f"`{p}`" for p in summary["pending"]), ""]
     lines += list(extra_sections)
+    plans = plan_section(out, runs)  # runs whose optimizer logged its plan (bench.plan_log)
+    if plans:
+        lines += [plans]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
