@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from efficient_optim import create_optimizer  # noqa: E402
+from efficient_optim import create_optimizer, state_bytes  # noqa: E402
 from efficient_optim.integrations.distributed import load_checkpoint, save_checkpoint  # noqa: E402
 from efficient_optim.state import sharded  # noqa: E402
 
@@ -138,6 +138,31 @@ def scenario_fsdp(rank, world, mesh, key, data):
             "states": state_summary(model, opt), "ref_states": state_summary(ref, ref_opt)}  # fmt: skip
 
 
+def scenario_budget(rank, world, mesh, data):
+    """A dynamic Budget on FSDP2: every rank plans the same, and the states of all ranks together fit the budget."""
+    from efficient_optim.policy import Budget
+
+    model = fsdp(make_model(), mesh)
+    policy = Budget(bytes_per_param=2.0, allocator="dynamic", warmup=2, every=2, patience=1)
+    opt = create_optimizer("qadamw", model, lr=LR, policy=policy)
+    losses, totals = [], []
+    for x, y in data:
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        total = torch.tensor(float(state_bytes(opt)))
+        dist.all_reduce(total)
+        totals.append(float(total))
+        losses.append(float(loss))
+    plans = [None] * world
+    mine = {f"{i}:{n}": policy.items[(i, n)].specs[c] for (i, n), c in policy.choice.items()}
+    dist.all_gather_object(plans, mine)
+    return {"losses": losses, "totals": totals, "limit": policy.limit, "plans_agree": all(p == plans[0] for p in plans),
+            "measured": bool(policy.errors), "plan": mine}  # fmt: skip
+
+
 def scenario_nonfinite(rank, world, mesh, data):
     """A NaN in rank 1's gradient shard only: every rank must skip the step (no rank steps alone)."""
     import warnings
@@ -229,6 +254,7 @@ def main():
     for key, _, _ in OPTIMIZERS:
         run(f"fsdp/{key}", scenario_fsdp, rank, world, mesh, key, data)
     run("fsdp/nonfinite", scenario_nonfinite, rank, world, mesh, data)
+    run("fsdp/budget", scenario_budget, rank, world, mesh, data)
     for key in DCP_OPTIMIZERS:
         run(f"dcp/{key}", scenario_dcp, rank, world, mesh, key, data, os.path.join(out, f"ckpt_{key}"))
     dist.barrier()

@@ -23,6 +23,7 @@ Tolerances, and why:
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -180,3 +181,11 @@ def test_dcp_checkpoint_into_another_world_size(dist_results):
     ok = scenario(dist_results, "world1/hybrid_lowrank")
     assert ok["loaded"], ok
     assert ok["continue_diff"] < FLOAT_TOL
+
+
+def test_fsdp2_budget_plans_agree_across_ranks_and_fit_the_budget(dist_results):
+    res = scenario(dist_results, "fsdp/budget")
+    assert res["plans_agree"], "every rank must plan the same codecs"
+    assert res["measured"], "the dynamic allocator measured its candidates"
+    assert max(res["totals"]) <= res["limit"], "the states of all ranks together exceed the budget"
+    assert all(math.isfinite(v) for v in res["losses"])

@@ -38,14 +38,16 @@ class StateEntry:
 
 def _leaf_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     """Plain tensors holding a (possibly subclassed) tensor's data."""
+    if hasattr(t, "_local_tensor"):  # DTensor: count this rank's shard
+        return _leaf_tensors(t._local_tensor)
     if type(t) is torch.Tensor or type(t) is torch.nn.Parameter or not hasattr(t, "__tensor_flatten__"):
-        if hasattr(t, "_local_tensor"):  # DTensor: count this rank's shard
-            return _leaf_tensors(t._local_tensor)
         return [t]
     names, _ = t.__tensor_flatten__()
     out: list[torch.Tensor] = []
     for n in names:
-        out.extend(_leaf_tensors(getattr(t, n)))
+        inner = getattr(t, n)
+        if isinstance(inner, torch.Tensor):  # (some subclasses also name non-tensor attributes)
+            out.extend(_leaf_tensors(inner))
     return out
 
 

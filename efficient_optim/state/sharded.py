@@ -46,7 +46,6 @@ the design and its costs.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 
@@ -340,21 +339,6 @@ def _stored_per_shard(codec: StateCodec) -> bool:
     shard's alone (``ShardLocal``): element-wise codecs other than ``Dense`` (a DTensor state of its own)."""
     return codec.is_elementwise and not isinstance(codec, Dense)
 
-
-def dtensor_codecs(fn):
-    """Wrap an optimizer's ``codecs(param, group)`` so DTensor parameters get adapted codecs."""
-    if getattr(fn, "_dtensor_aware", False):
-        return fn
-
-    @functools.wraps(fn)
-    def codecs(self, param, group):
-        out = fn(self, param, group)
-        if not is_dtensor(param):
-            return out
-        return {name: codec.for_dtensor(param) for name, codec in out.items()}
-
-    codecs._dtensor_aware = True
-    return codecs
 
 # ------------------------------------------------------------------------------------ checkpoints
 def _layout(param) -> tuple[list[int], list]:
