@@ -23,6 +23,10 @@ class FactorEMA(StateCodec):
 
     rank: int
 
+    @property
+    def error_kind(self) -> str:
+        return "lowrank"
+
     def expected(self, name, param):
         m, n = matrix_shape(param)
         return {f"{name}.a": ((m, self.rank), torch.float32), f"{name}.b": ((n, self.rank), torch.float32),

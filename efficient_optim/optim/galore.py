@@ -32,6 +32,10 @@ class ProjectedMoment(StateCodec):
 
     rank: int
 
+    @property
+    def error_kind(self) -> str:
+        return "lowrank"  # the moment of the projected gradient: what lies outside the subspace is dropped
+
     def expected(self, name, param):
         return {name: ((self.rank, _oriented(param)[1]), torch.float32)}
 
@@ -51,6 +55,10 @@ class Projection(StateCodec):
     """GaLore's projection ``P`` (short side x r, orthonormal) and ``meta = [refreshes, svd_failures]``."""
 
     rank: int
+
+    @property
+    def error_kind(self) -> str:
+        return "none"  # the basis itself, stored exactly
 
     def expected(self, name, param):
         return {name: ((_oriented(param)[0], self.rank), torch.float32), f"{name}.meta": ((2,), torch.int64)}
