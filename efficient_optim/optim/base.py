@@ -20,7 +20,7 @@ from ..policy.specs import resolve_codec
 from ..quant.rounding import mix_salt
 from ..state import StateCodec, sharded
 from . import master_weights
-from .plans import Plan, adapted, export_plans, import_plan, make_plan, param_info, transcode
+from .plans import Plan, adopt_legacy_layout, export_plans, load_plan, make_plan, param_info, transcode
 from .validation import check_positive
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -401,51 +401,16 @@ class CodecOptimizer(torch.optim.Optimizer):
         self._plans = {}
         for key, p in id_map.items():
             if key in recorded and p in self.state and self.state[p]:
-                self._load_plan(p, recorded[key])
+                load_plan(self, p, recorded[key])
         sharded.load_local_states(self)  # exported local-shard states of DTensor parameters back to local
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
                 if p in self.state and self.state[p]:
                     if p not in self._plans:
-                        self._adopt_legacy_layout(index, p, group)
+                        adopt_legacy_layout(self, index, p, group)
                     self._check_param_state(index, p, self.state[p], self.codecs(p, group))
                 index += 1
-
-    def _adopt_legacy_layout(self, index: int, param: torch.Tensor, group: dict) -> None:
-        """A checkpoint without recorded plans (written before plans existed) whose small tensor kept a
-        ``bf16`` state (the small-tensor rule once spared bf16): the state is transcoded to today's plan."""
-        plan = make_plan(self, param, group, self._info(param))
-        try:
-            self._check_param_state(index, param, self.state[param], plan.step_codecs)
-        except ValueError:
-            legacy = {n: self.resolve_spec(n, spec, param, {**group, "min_quantize_numel": 0})
-                      for n, spec in plan.specs.items()}  # fmt: skip
-            if any(spec != "bf16" for n, spec in plan.specs.items() if legacy[n] != plan.codecs[n]):
-                return  # not that layout: the check that follows names the mismatch
-            try:
-                self._check_param_state(index, param, self.state[param], legacy)
-            except ValueError:
-                return
-            target = dict(plan.codecs)
-            plan.codecs, plan.step_codecs = dict(legacy), dict(legacy)
-            transcode(self, param, group, index, plan, target)
-        self._plans[param] = plan
-
-    def _load_plan(self, param: torch.Tensor, recorded: dict) -> None:
-        """The plan of ``param`` from a checkpoint's record (see ``load_state_dict``)."""
-        group, index = self._param_index(param)
-        plan = make_plan(self, param, group, self._info(param))
-        saved = import_plan(recorded)
-        if self.policy.dynamic:
-            plan.codecs, plan.specs = saved, dict(recorded)
-            plan.step_codecs = adapted(saved, param)
-        elif export_plans({0: Plan({}, saved, {})}) != export_plans({0: plan}):
-            raise ValueError(
-                f"parameter #{index} (shape {tuple(param.shape)}) was stored with codecs {saved} but this "
-                f"optimizer's settings and policy give {plan.codecs}: the checkpoint was written with other settings"
-            )
-        self._plans[param] = plan
 
     def _run_load_pre_hooks(self, state_dict: dict) -> dict:
         """The state dict after every ``register_load_state_dict_pre_hook`` hook (a hook may return a new one)."""

@@ -89,3 +89,40 @@ def export_plans(plans: dict[int, Plan]) -> dict[int, dict]:
 def import_plan(recorded: dict) -> dict[str, StateCodec]:
     """The codecs a checkpoint recorded for one parameter."""
     return {name: codec_from_spec(spec) for name, spec in recorded.items()}
+
+
+def adopt_legacy_layout(opt, index: int, param: torch.Tensor, group: dict) -> None:
+    """A checkpoint without recorded plans (written before plans existed) whose small tensor kept a
+    ``bf16`` state (the small-tensor rule once spared bf16): the state is transcoded to today's plan."""
+    plan = make_plan(opt, param, group, opt._info(param))
+    try:
+        opt._check_param_state(index, param, opt.state[param], plan.step_codecs)
+    except ValueError:
+        legacy = {n: opt.resolve_spec(n, spec, param, {**group, "min_quantize_numel": 0})
+                  for n, spec in plan.specs.items()}  # fmt: skip
+        if any(spec != "bf16" for n, spec in plan.specs.items() if legacy[n] != plan.codecs[n]):
+            return  # not that layout: the check that follows names the mismatch
+        try:
+            opt._check_param_state(index, param, opt.state[param], legacy)
+        except ValueError:
+            return
+        target = dict(plan.codecs)
+        plan.codecs, plan.step_codecs = dict(legacy), dict(legacy)
+        transcode(opt, param, group, index, plan, target)
+    opt._plans[param] = plan
+
+
+def load_plan(opt, param: torch.Tensor, recorded: dict) -> None:
+    """The plan of ``param`` from a checkpoint's record (see ``load_state_dict``)."""
+    group, index = opt._param_index(param)
+    plan = make_plan(opt, param, group, opt._info(param))
+    saved = import_plan(recorded)
+    if opt.policy.dynamic:
+        plan.codecs, plan.specs = saved, dict(recorded)
+        plan.step_codecs = adapted(saved, param)
+    elif export_plans({0: Plan({}, saved, {})}) != export_plans({0: plan}):
+        raise ValueError(
+            f"parameter #{index} (shape {tuple(param.shape)}) was stored with codecs {saved} but this "
+            f"optimizer's settings and policy give {plan.codecs}: the checkpoint was written with other settings"
+        )
+    opt._plans[param] = plan
