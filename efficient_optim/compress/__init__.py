@@ -13,30 +13,42 @@ Stateful, one ``compress(key, t)`` per tensor:
 
 Where they apply: ``GradAccumulator`` (micro-batch gradients summed compressed), gradient release
 (``enable_gradient_release(model, opt, compressor=...)``) and DDP (``register_compression_hook``).
+
+Specs (``parse_compressor``): ``"fp32" | "bf16" | "q8" | "q4" | "q2" | "top<P>%" | "top<P>%/q8" | "rand<P>%"``.
+Controllers choose per-layer gradient specs and momentum specs every N steps: ``StaticController``,
+``AccordionController`` (a ``LayerChoice`` per layer; see controller.py).
 """
 
 from .accumulate import GradAccumulator
 from .base import Compressor, Payload
+from .controller import AccordionController, Controller, ControllerPolicy, LayerChoice, StaticController
 from .ddp_hook import CompressionHookState, compressed_allreduce_hook, register_compression_hook
 from .dgc import DGC
 from .feedback import ErrorFeedback, GradientCompressor, NoFeedback, as_gradient_compressor
 from .quantize import QUANTIZE_BITS, Quantize
 from .sparsify import RandomK, TopK
+from .specs import parse_compressor
 
 __all__ = [
     "DGC",
+    "AccordionController",
     "QUANTIZE_BITS",
     "CompressionHookState",
     "Compressor",
+    "Controller",
+    "ControllerPolicy",
     "ErrorFeedback",
     "GradAccumulator",
     "GradientCompressor",
+    "LayerChoice",
     "NoFeedback",
     "Payload",
     "Quantize",
     "RandomK",
+    "StaticController",
     "TopK",
     "as_gradient_compressor",
     "compressed_allreduce_hook",
+    "parse_compressor",
     "register_compression_hook",
 ]

@@ -48,9 +48,11 @@ class GradAccumulator:
         compressor: a ``GradientCompressor`` (e.g. ``ErrorFeedback(Quantize(8))``) or a plain ``Compressor``
             (then no error feedback: what each re-compression loses is lost). ``DGC`` is refused: it applies
             its momentum once per optimizer step, not per micro-batch.
+        observer: called as ``observer(key, grad)`` with each accumulated gradient (float32, before clipping)
+            when ``step``/``finish`` decodes it, e.g. a controller's ``observe`` (default None).
     """
 
-    def __init__(self, model, compressor: GradientCompressor | Compressor):
+    def __init__(self, model, compressor: GradientCompressor | Compressor, observer=None):
         gc = as_gradient_compressor(compressor)
         if isinstance(gc, DGC):
             raise ValueError("DGC accumulates momentum once per optimizer step; use it with gradient release or the "
@@ -64,6 +66,7 @@ class GradAccumulator:
         if not self.params:
             raise ValueError("GradAccumulator: no trainable parameters")
         self.compressor = gc
+        self.observer = observer
         self.buffers: dict = {}  # key (parameter position) -> Payload of the running sum
         self.nonfinite: set = set()
         self.skipped_steps = 0
@@ -97,6 +100,12 @@ class GradAccumulator:
             return None
         return self.compressor.decompress(key, self.buffers[key]).view(self.params[key].shape)
 
+    def _observed(self, key: int) -> torch.Tensor:
+        grad = self.gradient(key)
+        if self.observer is not None:
+            self.observer(key, grad)
+        return grad
+
     def _clear(self) -> None:
         self.buffers, self.nonfinite = {}, set()
 
@@ -108,7 +117,7 @@ class GradAccumulator:
             if key in self.nonfinite:
                 p.grad = torch.full_like(p, float("nan"))
             elif key in self.buffers:
-                p.grad = self.gradient(key).to(p.dtype)
+                p.grad = self._observed(key).to(p.dtype)
         self._clear()
         self.last_mode = "finish"
 
@@ -144,7 +153,7 @@ class GradAccumulator:
         for key, p in enumerate(self.params):
             if key not in self.buffers:
                 continue
-            grad = self.gradient(key)
+            grad = self._observed(key)
             squares += float(grad.pow(2).sum()) if norm is None else 0.0
             p.grad = (grad * coef if coef < 1.0 else grad).to(p.dtype)
             del self.buffers[key]

@@ -73,6 +73,10 @@ class DGC(GradientCompressor):
             return max(self.fraction, WARMUP_STAGES[stage])
         return self.fraction
 
+    def set_compressor(self, key, spec) -> None:
+        raise ValueError("DGC's kept fraction follows its warm-up and `fraction`; per-key compressors are for "
+                         "NoFeedback and ErrorFeedback")  # fmt: skip
+
     def _topk_for(self, fraction: float) -> TopK:
         if fraction not in self._topk:
             self._topk[fraction] = TopK(fraction, values=self.values, sample_fraction=self.sample_fraction)

@@ -24,6 +24,7 @@ import torch
 from ..quant.rounding import mix_salt
 from .base import Compressor, Payload
 from .quantize import Quantize
+from .specs import parse_compressor
 
 _RESIDUAL_SALT = 0xEF
 
@@ -70,6 +71,7 @@ class GradientCompressor(ABC):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.seed = seed
         self.calls: dict = {}  # key -> number of compress calls so far
+        self.overrides: dict = {}  # key -> (spec, Compressor): a per-key choice (set_compressor)
 
     @abstractmethod
     def compressor_for(self, key) -> Compressor:
@@ -90,6 +92,22 @@ class GradientCompressor(ABC):
         payload = self._compress(key, flat, mix_salt(self.seed, *parts, count))
         self.calls[key] = count + 1
         return Payload(torch.Size(tensor.shape), payload.tensors)
+
+    def set_compressor(self, key, spec: str | None) -> None:
+        """Compress ``key``'s tensors with the compressor ``spec`` names (``specs.parse_compressor``: "q4",
+        "top1%", ...) from its next call on; None returns it to the default. Its state (residual) is kept.
+        Change it between optimizer steps, not while an accumulation is pending."""
+        key_parts(key)
+        if spec is None:
+            self.overrides.pop(key, None)
+            return
+        if not isinstance(spec, str):
+            raise ValueError(f"set_compressor takes a spec string such as 'q4' (plain data for checkpoints), got {spec!r}")
+        self.overrides[key] = (spec, parse_compressor(spec))
+
+    def _chosen(self, key, default: Compressor) -> Compressor:
+        chosen = self.overrides.get(key)
+        return default if chosen is None else chosen[1]
 
     def skip(self, key) -> None:
         """Count a call of ``key`` that compresses nothing (its state is kept), so call numbers and payload
@@ -121,12 +139,14 @@ class GradientCompressor(ABC):
 
     def state_dict(self) -> dict:
         """Plain tensors and Python scalars (``torch.load(weights_only=True)`` loads it)."""
-        return {"seed": self.seed, "calls": [[_plain_key(k), n] for k, n in self.calls.items()]}
+        return {"seed": self.seed, "calls": [[_plain_key(k), n] for k, n in self.calls.items()],
+                "overrides": [[_plain_key(k), spec] for k, (spec, _) in self.overrides.items()]}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("seed") != self.seed:
             raise ValueError(f"{self.describe()}: checkpoint seed {state.get('seed')!r} differs from this compressor's {self.seed}")
         self.calls = {_key_from_plain(k): int(n) for k, n in state["calls"]}
+        self.overrides = {_key_from_plain(k): (spec, parse_compressor(spec)) for k, spec in state.get("overrides", [])}
 
 
 class NoFeedback(GradientCompressor):
@@ -148,10 +168,10 @@ class NoFeedback(GradientCompressor):
         return self.compressor.describe()
 
     def compressor_for(self, key) -> Compressor:
-        return self.compressor
+        return self._chosen(key, self.compressor)
 
     def _compress(self, key, flat, salt):
-        return self.compressor.compress(flat, salt=salt)
+        return self.compressor_for(key).compress(flat, salt=salt)
 
 
 class ErrorFeedback(GradientCompressor):
@@ -181,7 +201,7 @@ class ErrorFeedback(GradientCompressor):
         return f"{self.compressor.describe()}+ef({self.residual_compressor.describe()})"
 
     def compressor_for(self, key) -> Compressor:
-        return self.compressor
+        return self._chosen(key, self.compressor)
 
     def residual(self, key) -> torch.Tensor | None:
         """The decoded residual of ``key`` (flat float32), or None before its first call."""
@@ -194,8 +214,9 @@ class ErrorFeedback(GradientCompressor):
             carried = None
             self.resets += 1
         x = flat if carried is None else flat + carried
-        payload = self.compressor.compress(x, salt=salt)
-        error = x - self.compressor.decompress(payload).reshape(-1)
+        comp = self.compressor_for(key)
+        payload = comp.compress(x, salt=salt)
+        error = x - comp.decompress(payload).reshape(-1)
         self.residuals[key] = self.residual_compressor.compress(error, salt=mix_salt(salt, _RESIDUAL_SALT))
         return payload
 
