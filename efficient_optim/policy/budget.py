@@ -131,18 +131,28 @@ class Budget(Policy):
 
     def _allocate(self, allocator: str) -> tuple[dict, float]:
         """The allocator's plan within the budget. Shared tables are not additive per state, so the states get
-        the budget less the tables the plan uses, shrunk by any excess until the exact plan fits; the cheapest
-        plan (which fits: checked in ``bind``) is the fallback."""
+        the budget less the cheapest plan's tables; when the tables of the plan made then do not fit, the largest
+        states' budget whose exact plan fits is found by bisection. The cheapest plan (which fits: checked in
+        ``bind``) is the fallback."""
         items = list(self.items.values())
         cheapest = {it.key: it.cheapest() for it in items}
-        available = self.limit - (self.plan_bytes(cheapest) - sum(it.nbytes[cheapest[it.key]] for it in items))
-        for _ in range(8):
-            choice, gap = ALLOCATORS[allocator](items, available)
-            excess = self.plan_bytes(choice) - self.limit
-            if excess <= 0:
-                return choice, gap
-            available -= excess
-        return cheapest, float("inf")
+        states = sum(it.nbytes[cheapest[it.key]] for it in items)
+        hi = self.limit - (self.plan_bytes(cheapest) - states)
+        choice, gap = ALLOCATORS[allocator](items, hi)
+        if self.plan_bytes(choice) <= self.limit:
+            return choice, gap
+        # The tables the plan added (an 8-bit map: tens of KB) did not fit. Taking their whole excess off the
+        # states' budget can leave it below what the cheapest plan needs (the plan then falls back to the
+        # cheapest, the budget unused): bisect instead for the largest states' budget whose exact plan fits.
+        best, lo = (cheapest, float("inf")), states
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            choice, gap = ALLOCATORS[allocator](items, mid)
+            if self.plan_bytes(choice) <= self.limit:
+                best, lo = (choice, gap), mid
+            else:
+                hi = mid
+        return best
 
     def _add_item(self, optimizer, group, index, p, name, pname) -> None:
         prefix = optimizer.STATE_PREFIX[name]
