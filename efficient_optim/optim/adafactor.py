@@ -144,7 +144,7 @@ class Adafactor(CodecOptimizer):
         codecs, state, step, p32, g32 = begin_param_step(self, group, index, p, g)
         lr = self.step_size(group, p32, step)
         beta2t = 1.0 - step ** group["decay_rate"]
-        row, col = state["exp_avg_sq.row"], state["exp_avg_sq.col"]
+        row, col, _ = codecs["exp_avg_sq"].kernel_operands(state, "exp_avg_sq")
         sq = g32.square().add_(group["eps"][0])
         old_row_mean = row.mean(dim=-1, keepdim=True)  # of the stored (old) statistics
         scale = old_row_mean.clamp_min(_FACTORED.eps)

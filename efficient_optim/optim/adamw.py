@@ -175,7 +175,8 @@ class AdamW(CodecOptimizer):
                 if p in self._monitor:
                     self._reference_step(group, index, p, g, state, codecs)
                 elif mc.is_dense_fp32 and vc.is_dense_fp32 and dense.accepts(p, g):
-                    dense.add(p, g, state["exp_avg"], state["exp_avg_sq"], state["step"])
+                    (m,), (v,) = mc.kernel_operands(state, "exp_avg"), vc.kernel_operands(state, "exp_avg_sq")
+                    dense.add(p, g, m, v, state["step"])
                 elif group.get("fused") is False or not fused.step(p, g, state, mc, vc, self._adam_step(group, index, state)):
                     self._reference_step(group, index, p, g, state, codecs)
             dense.run(group)

@@ -51,6 +51,14 @@ class Dense(StateCodec):
         return self.dtype == torch.float32
 
     @property
+    def kernel_kind(self) -> str:
+        return f"dense_{str(self.dtype).removeprefix('torch.')}"
+
+    def kernel_operands(self, state, name) -> tuple:
+        """``(tensor,)``: the state itself, updated in place by a fused kernel (``torch._fused_adamw_``)."""
+        return (state[name],)
+
+    @property
     def error_kind(self) -> str:
         """``"none"`` at fp32/fp64 (the parameter's full precision), ``"quantization"`` at bf16/fp16."""
         return "none" if self.dtype in (torch.float32, torch.float64) else "quantization"

@@ -121,6 +121,11 @@ class ShardAdapter(StateCodec):
     def codebook(self, state, name):
         return self.inner.codebook(state, name)
 
+    def kernel_operands(self, state, name):
+        """The inner codec's storage (its ``kernel_kind`` is not claimed: the fused table steps shards only
+        through ``kernels.dispatch``'s own unwrapping)."""
+        return self.inner.kernel_operands(state, name)
+
 
 class ShardLocal(ShardAdapter):
     """An element-wise codec (``Quantized``, error feedback over one) stored for the local shard only.
