@@ -105,6 +105,18 @@ def test_the_plan_is_logged_within_budget_and_resumes_exactly(corpus, tmp_path):
     assert resumed["plan_transitions"] == full["plan_transitions"]
 
 
+def test_effopt_bench_logs_the_plan_of_a_budget_run(corpus, tmp_path, capsys):
+    out = tmp_path / "b"
+    rc = cli.main(["bench", "--optimizers", f"adamw,{DYNAMIC}", "--data", str(corpus), "--layers", "1", "--width", "32",
+                   "--heads", "2", "--context", "16", "--steps", "6", "--eval-every", "0", "--eval-batches", "2",
+                   "--no-progress", "--out", str(out)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    budget_dir = next(d for d in out.iterdir() if d.name.startswith("qadamw"))
+    assert plan_records(budget_dir / "default" / "seed0") and not plan_records(out / "adamw" / "default" / "seed0")
+    report = (out / "report.md").read_text()
+    assert "## Optimizer-state plans" in report and "| dynamic |" in report
+
+
 def test_an_optimizer_without_plans_logs_none(corpus, tmp_path):
     row = train_run(tiny(corpus, optimizer="adamw", steps=4), tmp_path / "r", callbacks=[PlanLogCallback()])
     assert plan_records(tmp_path / "r") == [] and "plan_transitions" not in row
@@ -135,7 +147,17 @@ def test_layer_words():
 
 
 # -------------------------------------------------------------------------------------- the suite, quick
-def test_adaptive_suite_quick_end_to_end(corpus, tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (24 tiny runs: thread contention on a shared 2-core machine costs more
+    than a second thread gains), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_adaptive_suite_quick_end_to_end(corpus, tmp_path, capsys, one_thread):
     out = tmp_path / "p4"
     rc = cli.main(["suite", "p4", "--quick", "--data", str(corpus), "--width", "32", "--heads", "2", "--context", "16",
                    "--layers", "1", "--steps", "8", "--eval-every", "0", "--eval-batches", "2", "--grid", "3",

@@ -27,7 +27,9 @@ import json
 import math
 import statistics
 
+from ..optimizer_specs import parse_spec
 from ..policy.budget import codec_bytes
+from ..policy.budget_options import has_budget_options
 from ..profiling import state_bytes
 from .callbacks import Callback, RunContext
 from .metrics import MetricsLog
@@ -104,10 +106,12 @@ class PlanLogCallback(Callback):
         if not self.active:
             return
         self._time(ctx, step, metrics)
-        plan = plan_of(ctx.optimizer, self._names)
-        text = json.dumps(plan[0], sort_keys=True)
         cfg = ctx.cfg
         log_step = step % cfg.log_every == 0 or step == cfg.steps
+        if self.last is not None and not log_step and not getattr(ctx.optimizer.policy, "dynamic", False):
+            return  # a static policy's plan is made once, at the first step
+        plan = plan_of(ctx.optimizer, self._names)
+        text = json.dumps(plan[0], sort_keys=True)
         if text == self.last and not (self.every_log_step and log_step):
             return
         reason = "start" if self.last is None else "change" if text != self.last else "log"
@@ -156,6 +160,17 @@ class PlanLogCallback(Callback):
         self.last = state.get("last") or None
         self.times = [float(t) for t in state.get("times", [])]
         self.flags = [int(f) for f in state.get("flags", [])]
+
+
+def plan_callbacks(cfg) -> list[Callback]:
+    """``[PlanLogCallback()]`` for a run whose optimizer spec sets a memory budget (``budget_bpp=`` /
+    ``budget_bytes=``), none otherwise: what ``effopt bench`` attaches (``runner.run_matrix(callbacks=)``).
+
+    Args:
+        cfg: the run's ``RunConfig``.
+    """
+    _, kwargs = parse_spec(cfg.optimizer)
+    return [PlanLogCallback()] if has_budget_options(kwargs) else []
 
 
 def _changed(old: dict, new: dict) -> list[str]:

@@ -34,6 +34,7 @@ from .options import (
     log_names,
     output_folder,
 )
+from .plan_log import plan_callbacks
 from .preflight import preflight
 from .report import build_report, terminal_table
 from .runner import plan_matrix, run_matrix
@@ -116,7 +117,7 @@ def _main(argv, chatter: ChatterLog) -> int:
 
     try:
         summary = run_matrix(plan, out, resume=args.resume, log=loggers, progress=not args.no_progress,
-                             command=command, on_result=show)  # fmt: skip
+                             command=command, on_result=show, callbacks=plan_callbacks)  # fmt: skip
     except (FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
