@@ -49,6 +49,13 @@ def compare(rows: list[dict], reference: str = REFERENCE) -> dict[str, dict]:
     return out
 
 
+def _shape(cfg: dict) -> str:
+    from .models import lm_preset
+
+    p = lm_preset(cfg["model"], layers=cfg["layers"], width=cfg["width"], heads=cfg["heads"])
+    return f"{p.layers} layers, width {p.width}, {p.heads} heads"
+
+
 def findings(data: dict, rows: list[dict]) -> list[str]:
     """Plain sentences: the task, the pretrained LM, each optimizer against AdamW, and what pretraining gave."""
     t, pre = data["task"], data["pretrain"]
@@ -56,7 +63,7 @@ def findings(data: dict, rows: list[dict]) -> list[str]:
     loss = pre.get("final_val_loss")
     lines = [f"- Task: {t['description']}; {t['train']} training and {t['test']} test examples; always answering the "
              f"most frequent test class scores {100 * t['chance']:.1f} %.",
-             f"- Pretrained LM: {cfg['model']} (layers {cfg['layers'] or 'preset'}, width {cfg['width'] or 'preset'}), "
+             f"- Pretrained LM: {cfg['model']} ({_shape(cfg)}), "
              f"{cfg['steps']} steps of {cfg['optimizer']} on {cfg['data']} ({cfg['tokenizer']} tokens, context {cfg['context']})"
              + (f", final validation loss {loss:.3f}" if loss is not None else "") + "; the same weights start every run."]  # fmt: skip
     gaps = compare(rows)
@@ -107,7 +114,8 @@ def plot(rows: list[dict], chance: float, path: Path) -> Path | None:
     ax.set_yticks(ys)
     ax.set_yticklabels([r["optimizer"] for r in rows], fontsize=8)
     lo = min(100 * chance, min(100 * (r["mean"] - r["std"]) for r in rows))
-    ax.set_xlim(max(0, lo - 5), 100)
+    hi = max(100 * (r["mean"] + r["std"]) for r in rows)
+    ax.set_xlim(max(0, lo - 5), min(100, hi + 10))
     ax.set_xlabel("test accuracy (%), mean ± std over seeds")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

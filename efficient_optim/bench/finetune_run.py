@@ -48,7 +48,7 @@ class FinetuneSettings:
     """How a fine-tuning run trains.
 
     Args:
-        steps: optimizer steps (default 300).
+        steps: optimizer steps (default 200).
         batch_size: examples per step (default 32).
         lr: peak learning rate on AdamW's scale (Lion 0.1x, SGD 30x, as in the harness; default 1e-3).
         warmup: linear warm-up steps (default 30), then cosine decay to ``min_lr_ratio`` (default 0.1).
@@ -57,7 +57,7 @@ class FinetuneSettings:
         eval_batch: examples per evaluation forward pass (default 256).
     """
 
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 30

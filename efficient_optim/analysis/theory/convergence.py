@@ -11,8 +11,9 @@ beside the optimizer, never fed back). ``rho_t = ||e_t|| / ||U_ref,t||`` is the 
 ``summarize`` measures the rate (steps per decade of ``D``, from a least-squares fit of ``log10 D_t`` over the
 linear phase: from the first step below 10 % of ``D_0`` (or, in a run that never gets there, the middle step)
 to the first step within 3x of the floor) and the
-floor (median ``D`` over the last 10 % of steps; ``floor_reached`` is False while the median of that window's
-last quarter is more than 0.05 decades (12 %) below its first quarter's: then the floor is only an upper bound).
+floor (median ``D`` over the last 10 % of steps; ``floor_reached`` is False while ``D`` still falls across that
+window, from the median of its first quarter to that of its last, by more than a quarter of the decades the run
+fell per window-length on average: then the run is still converging and the floor is only an upper bound).
 
 The model the predictions come from (``predict``). Write the run as the reference's iteration plus an error,
 ``x_{t+1} - x* = T(x_t) - x* + e_t``, and let the reference contract the distance by ``q`` per step (its
@@ -46,7 +47,8 @@ DIVERGED = 1e3  # a run stops as diverged when D_t exceeds this (or is not finit
 FLOOR_WINDOW = 0.1  # the last 10 % of steps
 LINEAR_START = 0.1  # the linear phase starts at the first D_t below this
 NEAR_FLOOR = 3.0  # ... and ends at the first D_t within this factor of the floor
-STILL_FALLING = 0.05  # D falls by more than this many decades across the floor window: the floor is not reached
+STILL_FALLING = 0.25  # D still falls across the floor window by more than this fraction of its average: no floor yet
+MIN_DROP = 0.005  # ... or, for a run that hardly moved at all, by more than this many decades
 
 
 def track(problem: Problem, make_opt: Callable, make_ref: Callable | None, steps: int) -> dict:
@@ -131,7 +133,9 @@ def summarize(trace: dict) -> dict:
     floor = _median(window)
     quarter = max(1, len(window) // 4)
     first, last = _median(window[:quarter]), _median(window[-quarter:])
-    reached = math.log10(max(first, 1e-300) / max(last, 1e-300)) <= STILL_FALLING
+    drop = math.log10(max(first, 1e-300) / max(last, 1e-300))  # decades fallen across the window
+    average = math.log10(max(dist[0], 1e-300) / max(last, 1e-300)) * len(window) / n  # the run's average per window
+    reached = drop <= max(STILL_FALLING * average, MIN_DROP)
     start = next((t for t, d in enumerate(dist) if d <= LINEAR_START), None)
     if start is None and dist[-1] < dist[n // 2]:  # a slow run: its second half, while it still falls
         start = n // 2

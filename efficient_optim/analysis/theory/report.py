@@ -59,7 +59,7 @@ def _bits_table(bits: dict) -> str:
     for r in bits["runs"]:
         if r["label"].startswith("fp32"):
             cells = [f"{r['eps'][b]:.2g}" if r["eps"][b] is not None else "diverged" for b in cols]
-            rows.append(f"| {r['target']} | {r['label']} (no quantization) | " + " | ".join(cells) + " |")
+            rows.append(f"| {r['target']} | {r['label']} | " + " | ".join(cells) + " |")
             continue
         cells = ["diverged" if r["eps"][b] is None else f"{r['eps'][b]:.2g}" for b in cols]
         rows.append(f"| {r['target']} | {r['label']} | " + " | ".join(cells) + " |")

@@ -79,12 +79,13 @@ def convergence_study(problems: list[Problem], cases: list[OptimizerCase], steps
 
 
 def ema_codecs(beta: float, square: bool) -> dict:
-    """The codecs compared for one moment: bf16, 8-bit and 4-bit (nearest), 4-bit stochastic, 4-bit with
+    """The codecs compared for one moment: bf16 (nearest and stochastic), 8-bit and 4-bit (nearest), 4-bit stochastic, 4-bit with
     error feedback (fp32 residual, decay = beta); the library's default maps for m (``dynamic``) or v
     (``dynamic_nozero`` at 8 bits, ``sqrt_nozero`` at 4)."""
     signed = not square
     m8, m4 = ("dynamic_nozero", "sqrt_nozero") if square else ("dynamic", "dynamic")
-    return {"bf16": Dense(torch.bfloat16), "8-bit": Quantized(8, map=m8, signed=signed),
+    return {"bf16": Dense(torch.bfloat16), "bf16 stochastic": Dense(torch.bfloat16, rounding="stochastic"),
+            "8-bit": Quantized(8, map=m8, signed=signed),
             "4-bit": Quantized(4, map=m4, signed=signed),
             "4-bit stochastic": Quantized(4, map=m4, signed=signed, rounding="stochastic"),
             "4-bit + error feedback": ErrorFeedback(Quantized(4, map=m4, signed=signed), residual=torch.float32, decay=beta)}  # fmt: skip
