@@ -132,7 +132,8 @@ def draw_plan_heatmap(records: list[dict], lr: tuple[list[int], list[float]], en
         ax.invert_yaxis()
         ax.set_ylabel(f"{STATE_SHORT.get(state, state)} ({state})", fontsize=8)
     axes[-1].set_xlabel("step")
-    bar = fig.colorbar(mesh, ax=list(axes[1:]), ticks=[0.25, 0.5, 1, 2, 4, 8, 16, 32], fraction=0.03)
+    # space for the colour bar is taken from every panel, so the lr panel keeps the heat maps' step axis
+    bar = fig.colorbar(mesh, ax=list(axes), ticks=[0.25, 0.5, 1, 2, 4, 8, 16, 32], fraction=0.03)
     bar.ax.set_yticklabels(["0.25", "0.5", "1", "2", "4", "8", "16", "32"])
     bar.set_label("bits per parameter element", fontsize=8)
     return fig
@@ -207,11 +208,12 @@ def plan_section(out: Path, runs: list[dict], inline: int = INLINE_FIGURES) -> s
             figures.append(path)
 
         def num(x):
-            return "n/a" if x is None else f"{x:,}"
+            return "-" if x is None else f"{x:,}"
 
+        policy = row["allocator"] is not None  # a budget policy: codec changes and monitoring apply
         lines.append(f"| {row['label']} | {row['allocator'] or 'static'} | {num(row['budget_bytes'])} | "
-                     f"{num(row['planned_bytes'])} | {num(row['state_bytes'])} | {row['transitions']} | "
-                     f"{row['overhead']} | {row['final']} | {link} |")  # fmt: skip
+                     f"{num(row['planned_bytes'])} | {num(row['state_bytes'])} | {row['transitions'] if policy else '-'} | "
+                     f"{row['overhead'] if policy else '-'} | {row['final']} | {link} |")  # fmt: skip
     lines.append("")
     if figures:
         lines += ["Heat maps (linked above): layers x steps, colour = bits per parameter element of each state, under "

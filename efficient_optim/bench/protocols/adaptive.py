@@ -216,6 +216,8 @@ def _less_memory(budget: list[aa.BudgetRun], q8: Group, words: str) -> Verdict:
     verdict, reason = _spread_verdict(MET if found else NOT_MET, seed_spread(pick.group, q8), pick.group, q8)
     if verdict == MET and gap <= 0:
         reason = f"val loss at or below uniform 8-bit's; {reason}"
+    if pick.shared:
+        reason += "; at this budget no allocator had a choice: the plan is the cheapest one (4-bit m, factored v)"
     return Verdict(crit, words, measured, verdict, reason)
 
 
