@@ -175,3 +175,17 @@ def test_budget_with_gradient_release_replans_and_stays_within_budget():
         assert eo.state_bytes(opt) <= policy.limit
     handle.remove()
     assert policy.steps == 8 and policy.errors  # one re-plan call per backward; statistics were measured
+
+
+def test_weight_correction_bytes_count_against_the_budget():
+    model = _model().to(torch.bfloat16)
+    policy = Budget(bytes_per_param=3.0, allocator="data", warmup=1)
+    opt = eo.QAdamW(model.named_parameters(), correction_bits=16, policy=policy)
+    for i in range(3):
+        _step(model, opt, i)
+    n = sum(p.numel() for p in model.parameters())
+    assert eo.state_bytes(opt) <= policy.limit
+    assert policy.fixed_bytes >= 2 * n  # the 16-bit corrections of every bf16 weight
+    with pytest.raises(ValueError, match="cheapest plan"):
+        eo.QAdamW(_model().to(torch.bfloat16).named_parameters(), correction_bits=16,
+                  policy=Budget(bytes_per_param=1.5))  # fmt: skip

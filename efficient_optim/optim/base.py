@@ -139,6 +139,11 @@ class CodecOptimizer(torch.optim.Optimizer):
         transcode(self, param, group, index, plan, new)
         plan.specs.update(specs)
 
+    def weight_state_bytes(self, param: torch.Tensor, group: dict) -> int:
+        """Bytes kept for ``param``'s weight itself (``correction_bits`` codes, a Kahan buffer), which a memory
+        budget counts as fixed (``policy.Budget``)."""
+        return master_weights.weight_state_bytes(param, group)
+
     def request_error_stats(self, params) -> None:
         """At the next step, hand the policy (``Policy.observe``) the exact values of these parameters' states
         before they are encoded (they take the reference path for that step)."""

@@ -107,6 +107,16 @@ def uses_master(p: torch.Tensor, group: dict) -> bool:
     )
 
 
+def weight_state_bytes(p: torch.Tensor, group: dict) -> int:
+    """Bytes the optimizer keeps for ``p``'s weight (correction codes or a Kahan buffer; 0 for a plain weight)."""
+    if not uses_master(p, group):
+        return 0
+    bits = group.get("correction_bits")
+    if bits is not None:
+        return p.numel() * bits // 8
+    return p.numel() * p.element_size() if rounding_mode(p, group) == "kahan" else 0
+
+
 def open_master(p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
     """The fp32 master weight of ``p`` (creating the correction storage on first use)."""
     bits = group.get("correction_bits")

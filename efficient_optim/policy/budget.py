@@ -106,6 +106,9 @@ class Budget(Policy):
             for position, p in enumerate(group["params"]):
                 numel += p.numel()
                 self.fixed_bytes += 4  # the step counter
+                weight_bytes = getattr(optimizer, "weight_state_bytes", None)
+                if weight_bytes is not None:  # bf16 weights' correction codes or Kahan buffers: fixed, counted
+                    self.fixed_bytes += weight_bytes(p, group)
                 defaults = optimizer.default_specs(p, group)
                 name_of = group.get("param_names")
                 pname = name_of[position] if name_of else ""
