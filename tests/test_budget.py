@@ -53,6 +53,9 @@ def test_the_budget_is_never_exceeded(allocator):
     assert policy.planned_bytes() <= policy.limit
     if allocator != "fixed":
         assert policy.errors, "the warm-up measured the candidates' errors"
+        stats = policy.grad_stats[0]  # the embedding's gradient: mostly zero rows, heavy-tailed
+        assert stats["rms"] > 0 and stats["kurtosis"] > 3
+        assert 0.1 <= policy.sensitivity(0) <= 10
 
 
 def test_an_infeasible_budget_is_refused_naming_the_smallest_one():
@@ -106,8 +109,8 @@ def test_hysteresis_limits_and_counts_transitions():
         flip = itertools.cycle([0.0, 1.0])
         original = policy.observe
 
-        def noisy(optimizer, index, param, group, values):  # errors that alternate between two rankings
-            original(optimizer, index, param, group, values)
+        def noisy(optimizer, index, param, group, values, grad=None):  # errors that alternate between two rankings
+            original(optimizer, index, param, group, values, grad=grad)
             f = next(flip)
             for key, stats in policy.errors.items():
                 if key[0] == 1:

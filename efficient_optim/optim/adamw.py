@@ -201,7 +201,7 @@ class AdamW(CodecOptimizer):
                       weight_decay=group["weight_decay"])  # fmt: skip
         if pw is not p:
             p.copy_(pw)
-        self._observe(index, p, group, {"exp_avg": m, "exp_avg_sq": v})
+        self._observe(index, p, group, {"exp_avg": m, "exp_avg_sq": v}, grad=gw)
         for name, value in (("exp_avg", m), ("exp_avg_sq", v)):
             codecs[name].encode(state, name, value, salt=self._salt(group, index, name, step))
 

@@ -149,9 +149,9 @@ class CodecOptimizer(torch.optim.Optimizer):
         before they are encoded (they take the reference path for that step)."""
         self._monitor = set(params)
 
-    def _observe(self, index: int, param: torch.Tensor, group: dict, values: dict) -> None:
+    def _observe(self, index: int, param: torch.Tensor, group: dict, values: dict, grad=None) -> None:
         if param in self._monitor:
-            self.policy.observe(self, index, param, group, values)
+            self.policy.observe(self, index, param, group, values, grad=grad)
 
     def _replan(self) -> None:
         """Apply the changes a dynamic policy asks for before this step."""

@@ -48,6 +48,6 @@ def run_rule(opt, work: list, rule: Callable, state_ids: dict[str, int]) -> None
             rule(group, p32, g32, views, step)
             if p32 is not p:
                 p.copy_(p32)
-            opt._observe(index, p, group, views)
+            opt._observe(index, p, group, views, grad=g32)
             for name, codec in codecs.items():
                 codec.encode(state, name, views[name], salt=mix_salt(group.get("seed", 0), index, state_ids[name], step))

@@ -17,8 +17,11 @@ Allocators (``allocator=``):
   statistics; a state changes codec only when the solver asked for the same change ``patience`` times in a
   row (hysteresis), and every change is counted (``transitions``).
 
-Errors are weighted by the parameter's size and by how a state's error reaches the update (Adam's update is
-linear in m and goes with ``1/sqrt(v)``: a relative error d in v moves it by about d/2).
+Errors are weighted by the parameter's size, by a sensitivity estimate (its gradient RMS relative to the other
+parameters': to first order the loss moves by ``g . du``) and by how a state's error reaches the update (Adam's
+update is linear in m and goes with ``1/sqrt(v)``: a relative error d in v moves it by about d/2). The
+gradient's variance and kurtosis are recorded with the RMS (``grad_stats``, for reports); they predict how badly
+a state quantizes, which the candidates' errors measure directly.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class Budget(Policy):
         self.choice: dict[tuple[int, str], int] = {}
         self.pending: dict[tuple[int, str], list] = {}  # key -> [proposed index, times in a row]
         self.errors: dict[tuple[int, str], dict] = {}  # key -> {spec: running relative error}
+        self.grad_stats: dict[int, dict] = {}  # param index -> running gradient RMS, variance, kurtosis
         self.limit = 0
         self.fixed_bytes = 0
         self._tables: dict = {}  # (item key, candidate) -> {storage: bytes} of its shared tables
@@ -237,13 +241,22 @@ class Budget(Policy):
         for (k, s), (total, count) in zip(slots, values.tolist()):
             if count > 0:
                 self.errors.setdefault(k, {})[s] = total / count
+        indices = sorted({k[0] for k in self.items})  # and the gradient statistics the sensitivities come from
+        names = ("rms", "variance", "kurtosis")
+        grads = torch.tensor([[self.grad_stats.get(i, {}).get(n, 0.0) for n in names] + [float(i in self.grad_stats)]
+                              for i in indices], dtype=torch.float64).reshape(-1, len(names) + 1)  # fmt: skip
+        dist.all_reduce(grads)
+        for i, row in zip(indices, grads.tolist()):
+            if row[-1] > 0:
+                self.grad_stats[i] = {n: v / row[-1] for n, v in zip(names, row)}
 
     def _solve(self, optimizer):
         self._agree_errors()
         for key, item in self.items.items():
             if key in self.errors:
                 prefix = optimizer.STATE_PREFIX[key[1]]
-                self._set_errors(item, prefix, self._numel(optimizer, key[0]), self.errors[key])
+                weight = self._numel(optimizer, key[0]) * self.sensitivity(key[0])
+                self._set_errors(item, prefix, weight, self.errors[key])
         proposal, self.gap = self._allocate("data")
         accepted = dict(self.choice)
         for key, index in proposal.items():
@@ -289,9 +302,12 @@ class Budget(Policy):
 
     # ------------------------------------------------------------------------------- monitoring
     @torch.no_grad()
-    def observe(self, optimizer, index: int, param: torch.Tensor, group: dict, values: dict) -> None:
+    def observe(self, optimizer, index: int, param: torch.Tensor, group: dict, values: dict, grad=None) -> None:
         """Record, from one step's exact state ``values`` (before encoding), the relative error every candidate
-        of each state would make (measured on a sample of at most ``SAMPLE_ELEMENTS`` elements)."""
+        of each state would make (measured on a sample of at most ``SAMPLE_ELEMENTS`` elements), and the
+        gradient's statistics (``grad``: RMS, variance, kurtosis; running EMAs per parameter)."""
+        if grad is not None:
+            self._gradient_stats(index, grad)
         for name, value in values.items():
             value = value.to_local() if _is_dtensor(value) else value  # this rank's shard (errors are averaged)
             key = (index, name)
@@ -309,13 +325,32 @@ class Budget(Policy):
                 err = float((codec.decode(tmp, name, sample) - sample).norm() / norm) if norm > 0 else 0.0
                 stats[spec] = err if spec not in stats else (1 - self.ema) * stats[spec] + self.ema * err
 
+    def _gradient_stats(self, index: int, grad: torch.Tensor) -> None:
+        g = _sample((grad.to_local() if _is_dtensor(grad) else grad).float()).reshape(-1)
+        mean = g.mean()
+        var = float(((g - mean) ** 2).mean())
+        kurtosis = float(((g - mean) ** 4).mean() / var**2) if var > 0 else 0.0
+        new = {"rms": float(g.square().mean().sqrt()), "variance": var, "kurtosis": kurtosis}
+        old = self.grad_stats.get(index)
+        self.grad_stats[index] = new if old is None else {k: (1 - self.ema) * old[k] + self.ema * v for k, v in new.items()}
+
+    def sensitivity(self, index: int) -> float:
+        """How much an error in this parameter's update costs, relative to the average parameter: the ratio of
+        its gradient RMS to the mean RMS over the measured parameters (a first-order estimate: the loss moves by
+        ``g . du``), clamped to [0.1, 10]; 1.0 before any measurement."""
+        if index not in self.grad_stats:
+            return 1.0
+        mean = sum(s["rms"] for s in self.grad_stats.values()) / len(self.grad_stats)
+        return min(10.0, max(0.1, self.grad_stats[index]["rms"] / mean)) if mean > 0 else 1.0
+
     # ------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         def keyed(d):
             return {f"{i}:{n}": v for (i, n), v in d.items()}
 
         return {"steps": self.steps, "transitions": self.transitions, "gap": self.gap, "choice": keyed(self.choice),
-                "pending": keyed(self.pending), "errors": keyed(self.errors)}  # fmt: skip
+                "pending": keyed(self.pending), "errors": keyed(self.errors),
+                "grad_stats": {str(i): s for i, s in self.grad_stats.items()}}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         def unkeyed(d):
@@ -325,6 +360,7 @@ class Budget(Policy):
         self.choice = {k: int(v) for k, v in unkeyed(state["choice"]).items()}
         self.pending = {k: list(v) for k, v in unkeyed(state["pending"]).items()}
         self.errors = {k: dict(v) for k, v in unkeyed(state["errors"]).items()}
+        self.grad_stats = {int(i): dict(s) for i, s in state.get("grad_stats", {}).items()}
 
 
 def _is_dtensor(t) -> bool:

@@ -83,9 +83,9 @@ class Policy:
         """Called once by the optimizer when it is built (its param groups exist): a policy that plans the whole
         model at once (``Budget``) sizes it here."""
 
-    def observe(self, optimizer, index: int, param: torch.Tensor, group: dict, values: dict) -> None:
-        """Receives one step's exact state values (before encoding) of a parameter the policy asked to watch
-        (``optimizer.request_error_stats``)."""
+    def observe(self, optimizer, index: int, param: torch.Tensor, group: dict, values: dict, grad=None) -> None:
+        """Receives one step's exact state values (before encoding) and the gradient (``grad``, when the rule
+        has it) of a parameter the policy asked to watch (``optimizer.request_error_stats``)."""
 
     def replan(self, optimizer) -> list[tuple[torch.Tensor, dict]]:
         """Changes to apply before the next step: ``[(param, {state name: spec}), ...]`` (dynamic policies)."""
