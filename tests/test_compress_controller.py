@@ -65,7 +65,8 @@ def make_model():
                                torch.nn.Linear(64, 4))  # fmt: skip
 
 
-DATA = [(torch.randn(8, 64, generator=torch.Generator().manual_seed(i)), torch.randn(8, 4)) for i in range(12)]
+DATA = [(torch.randn(8, 64, generator=torch.Generator().manual_seed(i)),
+         torch.randn(8, 4, generator=torch.Generator().manual_seed(100 + i))) for i in range(12)]  # fmt: skip
 
 
 def test_static_controller_sets_gradient_bits_and_momentum_plans():
