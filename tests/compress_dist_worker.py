@@ -21,16 +21,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from dist_worker import make_model  # noqa: E402  (the distributed tests' model: a 23.7k-parameter MLP)
+
 from efficient_optim.compress import DGC, ErrorFeedback, NoFeedback, Quantize, register_compression_hook  # noqa: E402
 
 STEPS, BATCH, LR = 6, 32, 0.05
 BUCKET_MB = 0.02  # ~5k fp32 elements per bucket: the 23.7k-parameter model gets several
-
-
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 128), torch.nn.GELU(),
-                               torch.nn.Linear(128, 37), torch.nn.GELU(), torch.nn.Linear(37, 8))  # fmt: skip
 
 
 def batches(n: int = STEPS):
