@@ -23,6 +23,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..third_party import ChatterLog, chatter_to, quiet
 from .config import RunConfig
 from .metrics import write_json_atomic
 from .options import HelpFormatter, add_run_options, base_config, log_names, output_folder
@@ -105,12 +106,19 @@ def _plan(suite: Protocol, args: argparse.Namespace, argv: list[str]):
     loggers = log_names(args)
     suite.configure(args)
     plan, missing = suite.plan(base, seeds, args.quick)
-    preflight(plan, out, resume=args.resume, log=loggers)  # everything checked before the header
+    with quiet("checking the plan: model, data and optimizers"):  # imports transformers, bitsandbytes, ...
+        preflight(plan, out, resume=args.resume, log=loggers)  # everything checked before the header
     return base, seeds, out, loggers, plan, missing
 
 
 def main(argv=None) -> int:
-    """``effopt suite``: exit code 0, 1 (a run failed), 2 (bad input) or 130 (interrupted)."""
+    """``effopt suite``: exit code 0, 1 (a run failed), 2 (bad input) or 130 (interrupted). What optional
+    baselines and transformers print while they are imported goes to ``<out>/third_party.log``."""
+    with chatter_to(ChatterLog()) as chatter:
+        return _main(argv, chatter)
+
+
+def _main(argv, chatter: ChatterLog) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap, suite = _parser(argv)
     args = ap.parse_args(argv)
@@ -129,6 +137,7 @@ def main(argv=None) -> int:
         return 2
     command = "effopt suite " + shlex.join(argv)
     print(f"{suite.title}: {len(plan)} runs, {base.steps} steps each -> {out}", flush=True)
+    chatter.keep_in(out / "third_party.log")
     for m in missing:
         print(f"  not measurable here: {m.subject}: {m.reason}")
     try:
