@@ -65,3 +65,29 @@ def test_triton_provider_steps_like_the_cpu_kernels_with_one_launch_per_group(ma
         assert not launches  # quantized m + factored v: single-tensor kernel
     else:
         assert launches == [4, 4, 4]  # the group's four quantized tensors in one launch per step
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: eo.Lion(ps, m_bits=8, min_quantize_numel=0),
+    lambda ps: eo.Lion(ps, m_bits=4, rounding="stochastic", min_quantize_numel=0),
+    lambda ps: eo.SGD(ps, lr=1e-2, nesterov=True, min_quantize_numel=0),
+], ids=["lion8", "lion4_stochastic", "sgd8_nesterov"])  # fmt: skip
+def test_lion_and_sgd_take_the_triton_kernels_with_the_reference_numbers(make, monkeypatch):
+    from test_triton_kernels import _load_kernels, skip_without_exact_fma
+
+    skip_without_exact_fma(torch.device("cpu"))
+    expected, ref_opt = _run(make)  # the PyTorch reference path (the C++ kernels have no Lion/SGD step)
+    triton = _load_kernels(interpret=True)
+    calls = []
+    namespace = types.SimpleNamespace(**{k: getattr(triton, k) for k in dir(triton) if not k.startswith("_")})
+    for entry in ("lion_quantized_step", "sgd_quantized_step"):
+        kernel = getattr(triton, entry)
+        setattr(namespace, entry, lambda *a, _k=kernel, _e=entry, **kw: (calls.append(_e), _k(*a, **kw))[1])
+    monkeypatch.setitem(dispatch.PROVIDERS, "cpu", lambda: namespace)
+    got, opt = _run(make)
+    assert calls, "the optimizer stepped through the provider's kernel"
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+    for p_ref, p in zip(ref_opt.state, opt.state):
+        for key, t in ref_opt.state[p_ref].items():
+            assert torch.equal(t, opt.state[p][key]), key

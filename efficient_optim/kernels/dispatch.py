@@ -144,6 +144,27 @@ def fused_adam_step(rule: str, p, g, state: dict, mc, vc, hp: AdamStep) -> bool:
 
 
 MULTI_ENTRY = {("adamw", "quantized", "quantized"): "adamw_quantized_multi_step"}
+# single-state rules: (rule, momentum kind) -> entry point; the hyperparameters come as the rule's keyword dict
+MOMENTUM_KERNELS = {("lion", "quantized"): "lion_quantized_step", ("sgd", "quantized"): "sgd_quantized_step"}
+_MOMENTUM_ARGS = {"lion": ("lr", "beta1", "beta2", "weight_decay"),
+                  "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "first_step")}  # fmt: skip
+
+
+def fused_momentum_step(rule: str, p, g, state: dict, name: str, mc, salt: int, hyper: dict) -> bool:
+    """Step ``p`` with the fused kernel of ``(rule, mc.kernel_kind)`` (Lion, SGD with a quantized momentum) on
+    ``p``'s device when its kernels have one (Triton on CUDA); False (nothing changed) otherwise.
+
+    ``hyper``: the rule's hyperparameters by name (``_MOMENTUM_ARGS``)."""
+    entry = MOMENTUM_KERNELS.get((rule, mc.kernel_kind))
+    if entry is None or sharded.is_dtensor(p) or not p.is_contiguous() or not _plain_fp32(p, g, p.device.type):
+        return False
+    fn = getattr(_kernels_for(p.device.type), entry, None)
+    if fn is None:
+        return False
+    codes, scales, tables, geometry, signed, bits, stochastic = mc.kernel_operands(state, name)
+    fn(p, g, codes, scales, tables, geometry, signed, bits, stochastic, salt, mc.block_size,
+       *(hyper[k] for k in _MOMENTUM_ARGS[rule]))  # fmt: skip
+    return True
 
 
 class FusedAdamBatch:

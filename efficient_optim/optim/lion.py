@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..kernels.dispatch import fused_momentum_step
 from ..policy.specs import BITS_NAME
 from ..quant.rounding import ROUNDING_MODES
 from .base import NONFINITE_POLICIES, CodecOptimizer, check_lr
@@ -68,4 +69,9 @@ class Lion(CodecOptimizer):
             lion_update_(p, g, states["exp_avg"], lr=group["lr"], beta1=beta1, beta2=beta2,
                          weight_decay=group["weight_decay"])  # fmt: skip
 
-        run_rule(self, work, rule, {"exp_avg": 0})
+        def fused(group, p, g, state, codecs, step, salts):
+            beta1, beta2 = group["betas"]
+            hyper = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "weight_decay": group["weight_decay"]}
+            return fused_momentum_step("lion", p, g, state, "exp_avg", codecs["exp_avg"], salts["exp_avg"], hyper)
+
+        run_rule(self, work, rule, {"exp_avg": 0}, fused)

@@ -37,13 +37,20 @@ def begin_param_step(opt, group: dict, index: int, p: torch.Tensor, g: torch.Ten
     return codecs, state, step, p32, g32
 
 
-def run_rule(opt, work: list, rule: Callable, state_ids: dict[str, int]) -> None:
+def run_rule(opt, work: list, rule: Callable, state_ids: dict[str, int], fused: Callable | None = None) -> None:
     """For each parameter: fp32 views of the parameter, gradient and every state; ``rule(group, p, g,
     states, step)`` updates them in place; the parameter and states are written back (stochastic rounding
-    salted by seed, parameter index, state and step)."""
+    salted by seed, parameter index, state and step).
+
+    ``fused(group, p, g, state, codecs, step, salts) -> bool`` (optional) is tried first for an fp32 parameter
+    (``salts``: state name -> the salt the reference would use); True means it stepped the parameter."""
     for group, items in work:
         for index, p, g in items:
             codecs, state, step, p32, g32 = begin_param_step(opt, group, index, p, g)
+            if fused is not None and p32 is p and g32 is g and p not in opt._monitor and group.get("fused") is not False:
+                salts = {name: mix_salt(group.get("seed", 0), index, state_ids[name], step) for name in codecs}
+                if fused(group, p, g, state, codecs, step, salts):
+                    continue
             views = {name: codec.decode(state, name, p).to(p32.dtype) for name, codec in codecs.items()}
             rule(group, p32, g32, views, step)
             if p32 is not p:

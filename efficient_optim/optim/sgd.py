@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..kernels.dispatch import fused_momentum_step
 from ..policy.specs import BITS_NAME
 from ..quant.rounding import ROUNDING_MODES
 from .base import NONFINITE_POLICIES, CodecOptimizer, check_lr
@@ -76,4 +77,9 @@ class SGD(CodecOptimizer):
                                  momentum=group["momentum"], dampening=group["dampening"],
                                  weight_decay=group["weight_decay"], nesterov=group["nesterov"])  # fmt: skip
 
-        run_rule(self, work, rule, {"momentum_buffer": 0})
+        def fused(group, p, g, state, codecs, step, salts):
+            hyper = {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
+            return fused_momentum_step("sgd", p, g, state, "momentum_buffer", codecs["momentum_buffer"],
+                                       salts["momentum_buffer"], {**hyper, "first_step": step == 1})  # fmt: skip
+
+        run_rule(self, work, rule, {"momentum_buffer": 0}, fused)
