@@ -36,6 +36,7 @@ import torch
 
 from ..analysis.characterization import layer_depth, layer_group  # noqa: F401  (re-exported)
 from ..registry import NAIVE_4BIT, SENSITIVITY_PRESETS
+from ..third_party import ChatterLog, chatter_to, quiet
 from .callbacks import Callback
 from .config import RunConfig
 from .metrics import write_json_atomic
@@ -337,7 +338,13 @@ def _synthetic(args: argparse.Namespace, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    """``effopt characterize``: exit code 0, 1 (a run failed), 2 (bad input) or 130 (interrupted)."""
+    """``effopt characterize``: exit code 0, 1 (a run failed), 2 (bad input) or 130 (interrupted). What
+    transformers and the optional baselines print while imported goes to ``<out>/third_party.log``."""
+    with chatter_to(ChatterLog()) as chatter:
+        return _main(argv, chatter)
+
+
+def _main(argv, chatter: ChatterLog) -> int:
     from .characterize_report import write_report
 
     args = _parser().parse_args(argv)
@@ -353,7 +360,8 @@ def main(argv=None) -> int:
         base, out = _base_config(args, argv_list)
         probe = _probe_settings(args)
         study = plan_study(base, _entries(args, base), args.seeds)
-        preflight([c for _, c in study], out, resume=args.resume)  # every configuration's optimizer spec
+        with quiet("checking the plan: model, data and optimizers"):
+            preflight([c for _, c in study], out, resume=args.resume)  # every configuration's optimizer spec
         plan = _merge_plan(out, study, args.resume)
     except (FileExistsError, ValueError) as exc:  # UsageError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
@@ -362,6 +370,7 @@ def main(argv=None) -> int:
                                                 "sensitivity_preset": args.sensitivity_preset,
                                                 "probe": dataclasses.asdict(probe), "command": command})  # fmt: skip
     print(f"effopt characterize: {len(plan)} runs, {base.steps} steps each ({base.model}, {base.layers or 'preset'} layers) -> {out}", flush=True)
+    chatter.keep_in(out / "third_party.log")
     try:
         run_study(plan, out, probe, progress=not args.no_progress, command=command)
         extra = _escalation(base, out, plan)

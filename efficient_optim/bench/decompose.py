@@ -12,6 +12,7 @@ from ..analysis.decomposition import DEFAULT_EVERY, DEFAULT_STEPS, TRAJECTORIES
 from ..analysis.decomposition_measures import SOURCES, format_number
 from ..analysis.decomposition_report import write_outputs
 from ..analysis.decomposition_variants import DEFAULT_SPEC, parse_hybrid_config
+from ..third_party import ChatterLog, chatter_to, quiet
 
 
 def build_parser():
@@ -71,12 +72,19 @@ def _checked_config(args):
     if args.steps < 1 or args.every < 1:
         raise ValueError(f"--steps and --every must be >= 1 (got {args.steps}, {args.every})")
     args.out = args.out or Path("runs") / "decompose" / time.strftime("%Y%m%d-%H%M%S")
-    preflight([cfg], args.out, marker=None)  # device, model, data and --out, before any step
+    with quiet("checking the plan: model, data and optimizer"):  # imports transformers (and what it imports)
+        preflight([cfg], args.out, marker=None)  # device, model, data and --out, before any step
     return cfg
 
 
 def main(argv=None) -> int:
-    """``effopt decompose``: run ``decompose_errors`` on the harness's tiny LM and write the outputs."""
+    """``effopt decompose``: run ``decompose_errors`` on the harness's tiny LM and write the outputs. What
+    transformers prints while imported goes to ``<out>/third_party.log``."""
+    with chatter_to(ChatterLog()) as chatter:
+        return _main(argv, chatter)
+
+
+def _main(argv, chatter: ChatterLog) -> int:
     import shlex
     import sys
 
@@ -87,6 +95,7 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    chatter.keep_in(args.out / "third_party.log")
     started = time.perf_counter()
     tick = max(1, args.steps // 10)
 
