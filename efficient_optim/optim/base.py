@@ -102,6 +102,7 @@ class CodecOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------- plans
     def _info(self, param: torch.Tensor):
+        """The ``ParamInfo`` of ``param`` (its group, global index, name); ``KeyError`` if it is not ours."""
         index = 0
         for group in self.param_groups:
             for position, p in enumerate(group["params"]):
@@ -116,8 +117,8 @@ class CodecOptimizer(torch.optim.Optimizer):
 
     def policy_choice(self, param: torch.Tensor) -> dict:
         """State name -> the spec the policy chooses for ``param`` now (its plan is not changed)."""
-        group, _ = self._param_index(param)
-        return self.policy.choose(self._info(param), self.default_specs(param, group))
+        info = self._info(param)
+        return self.policy.choose(info, self.default_specs(param, info.group))
 
     def plan_of(self, param: torch.Tensor) -> dict[str, StateCodec]:
         """State name -> the codec ``param``'s states are stored with (its plan; made now if it has none)."""
@@ -258,13 +259,8 @@ class CodecOptimizer(torch.optim.Optimizer):
         p.copy_(master_weights.close_master(p, master, state, group, salt))
 
     def _param_index(self, param: torch.Tensor) -> tuple[dict, int]:
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p is param:
-                    return group, index
-                index += 1
-        raise KeyError("parameter is not handled by this optimizer")
+        info = self._info(param)
+        return info.group, info.index
 
     @torch.no_grad()
     def step_param(self, param: torch.Tensor) -> None:
@@ -277,7 +273,8 @@ class CodecOptimizer(torch.optim.Optimizer):
         if param.grad is None:
             return
         if param in self._released or not self._released:  # the first parameter of a new backward: a new step
-            self._monitor = set() if self._released else self._monitor
+            if self._released:  # the previous step is over: so is its monitoring
+                self._monitor = set()
             self._released = set()
             self._replan()
         self._released.add(param)

@@ -38,9 +38,9 @@ from ..quant.rounding import mix_salt
 from ..state import Dense, StateCodec
 from ..state.lowrank import LowRank, entropy_rank, matrix_shape, numerical_rank, randomized_svd_numel
 from ..state.sharded import is_dtensor
-from .adamw import AdamW
+from .adamw import AdamW, check_adam_arguments
 from .adamw_rule import adamw_update_
-from .base import NONFINITE_POLICIES, CodecOptimizer, check_lr
+from .base import CodecOptimizer, check_lr
 from .factor_ema_ablation import FactorEMA, factor_ema_step
 from .galore import ProjectedMoment, Projection, galore_step
 from .lowrank_support import as_float, encode_state, outside_fraction, svdvals
@@ -129,10 +129,7 @@ class LowRankAdam(AdamW):
         weight_rounding: str = "auto",
         policy=None,
     ):
-        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-        if amsgrad:
-            raise ValueError(f"amsgrad=True is not supported by {type(self).__name__} (its moments are compressed; "
-                             "use torch.optim.AdamW(amsgrad=True) for the AMSGrad variant)")
+        check_adam_arguments(type(self).__name__, nonfinite, amsgrad, fused=None)
         self._diag: dict = {}
         self._workspace: torch.Tensor | None = None
         defaults = dict(

@@ -114,13 +114,14 @@ def adopt_legacy_layout(opt, index: int, param: torch.Tensor, group: dict) -> No
 
 def load_plan(opt, param: torch.Tensor, recorded: dict) -> None:
     """The plan of ``param`` from a checkpoint's record (see ``load_state_dict``)."""
-    group, index = opt._param_index(param)
-    plan = make_plan(opt, param, group, opt._info(param))
+    info = opt._info(param)
+    group, index = info.group, info.index
+    plan = make_plan(opt, param, group, info)
     saved = import_plan(recorded)
     if opt.policy.dynamic:
         plan.codecs, plan.specs = saved, dict(recorded)
         plan.step_codecs = adapted(saved, param)
-    elif export_plans({0: Plan({}, saved, {})}) != export_plans({0: plan}):
+    elif export_plans({index: plan}).get(index) != recorded:
         raise ValueError(
             f"parameter #{index} (shape {tuple(param.shape)}) was stored with codecs {saved} but this "
             f"optimizer's settings and policy give {plan.codecs}: the checkpoint was written with other settings"

@@ -96,6 +96,7 @@ class Budget(Policy):
         self.limit = 0
         self.fixed_bytes = 0
         self._tables: dict = {}  # (item key, candidate) -> {storage: bytes} of its shared tables
+        self.numels: dict[int, int] = {}  # param index -> its number of elements
 
     def __repr__(self) -> str:
         size = f"bytes={self.bytes}" if self.bytes is not None else f"bytes_per_param={self.bytes_per_param}"
@@ -104,13 +105,13 @@ class Budget(Policy):
     # --------------------------------------------------------------------------------- planning
     def bind(self, optimizer) -> None:
         """Size every candidate of every state of every parameter and make the first (fixed-rule) plan."""
-        numel, index = 0, 0
-        self.items, self.fixed_bytes, self._tables = {}, 0, {}
+        index = 0
+        self.items, self.fixed_bytes, self._tables, self.numels = {}, 0, {}, {}
+        weight_bytes = getattr(optimizer, "weight_state_bytes", None)
         for group in optimizer.param_groups:
             for position, p in enumerate(group["params"]):
-                numel += p.numel()
+                self.numels[index] = p.numel()  # global size (a DTensor reports the whole parameter's)
                 self.fixed_bytes += 4  # the step counter
-                weight_bytes = getattr(optimizer, "weight_state_bytes", None)
                 if weight_bytes is not None:  # bf16 weights' correction codes or Kahan buffers: fixed, counted
                     self.fixed_bytes += weight_bytes(p, group)
                 defaults = optimizer.default_specs(p, group)
@@ -121,6 +122,7 @@ class Budget(Policy):
                 index += 1
         if any(_is_dtensor(p) for g in optimizer.param_groups for p in g["params"]):
             self._sum_over_ranks()  # each rank sized its own shard's states: the budget is over all of them
+        numel = sum(self.numels.values())
         self.limit = int(self.bytes if self.bytes is not None else self.bytes_per_param * numel)
         cheapest = {k: it.cheapest() for k, it in self.items.items()}
         floor = self.plan_bytes(cheapest)
@@ -255,7 +257,7 @@ class Budget(Policy):
         for key, item in self.items.items():
             if key in self.errors:
                 prefix = optimizer.STATE_PREFIX[key[1]]
-                weight = self._numel(optimizer, key[0]) * self.sensitivity(key[0])
+                weight = self.numels[key[0]] * self.sensitivity(key[0])
                 self._set_errors(item, prefix, weight, self.errors[key])
         proposal, self.gap = self._allocate("data")
         accepted = dict(self.choice)
@@ -295,10 +297,6 @@ class Budget(Policy):
             if params[k[0]] in optimizer._plans:
                 out.append((params[k[0]], {k[1]: self.items[k].specs[accepted[k]]}))
         return out
-
-    @staticmethod
-    def _numel(optimizer, index: int) -> int:
-        return [p for g in optimizer.param_groups for p in g["params"]][index].numel()
 
     # ------------------------------------------------------------------------------- monitoring
     @torch.no_grad()
