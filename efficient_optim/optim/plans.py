@@ -4,7 +4,7 @@ A ``Plan`` holds, per state name, the spec the policy chose, the codec it resolv
 step uses (the same, or its DTensor adaptation for a sharded parameter). The optimizer builds a parameter's
 plan when its state is created (``make_plan``), looks it up at every step, and changes it with
 ``transcode``: the state is decoded with the old codec and encoded with the new one, exactly once, so
-``state_bytes`` shows the new size at once. ``export_plans`` / ``import_plans`` carry plans through
+``state_bytes`` shows the new size at once. ``export_plans`` / ``import_plan`` carry plans through
 checkpoints as plain data (``state.spec``).
 """
 
@@ -18,6 +18,7 @@ from ..policy.policies import ParamInfo
 from ..quant.rounding import mix_salt
 from ..state import StateCodec, sharded
 from ..state.spec import codec_from_spec, codec_to_spec
+from .rule_loop import working_dtype
 
 TRANSCODE_SALT_ID = 11  # stochastic rounding of a transcoded state draws numbers apart from the steps' (ids 0..7)
 
@@ -63,13 +64,12 @@ def transcode(opt, param: torch.Tensor, group: dict, index: int, plan: Plan, new
             continue
         if state and "step" in state:
             old = plan.step_codecs[name]
-            value = old.decode(state, name, param).float().clone()
+            value = old.decode(state, name, param).to(working_dtype(param)).clone()  # fp64 stays fp64
             for key in [k for k in state if k == name or k.startswith(name + ".")]:
                 del state[key]
             new_step[name].init(state, name, param)
             step = int(state["step"].item())
-            new_step[name].encode(state, name, value.to(param.dtype if param.dtype == torch.float64 else torch.float32),
-                                  salt=mix_salt(group.get("seed", 0), index, TRANSCODE_SALT_ID, step))  # fmt: skip
+            new_step[name].encode(state, name, value, salt=mix_salt(group.get("seed", 0), index, TRANSCODE_SALT_ID, step))
         plan.codecs[name] = codec
         plan.step_codecs[name] = new_step[name]
 
