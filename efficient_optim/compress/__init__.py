@@ -25,12 +25,25 @@ from .controller import AccordionController, Controller, ControllerPolicy, Layer
 from .ddp_hook import CompressionHookState, compressed_allreduce_hook, register_compression_hook
 from .dgc import DGC
 from .feedback import ErrorFeedback, GradientCompressor, NoFeedback, as_gradient_compressor
+from .menu import (
+    GRAD_BITS,
+    GRAD_SPECS,
+    KEEP_FRACTIONS,
+    MOMENTUM_SPECS,
+    choice_from_indices,
+    grad_spec,
+    indices_of,
+)
 from .quantize import QUANTIZE_BITS, Quantize
 from .sparsify import RandomK, TopK
 from .specs import parse_compressor
 
 __all__ = [
     "DGC",
+    "GRAD_BITS",
+    "GRAD_SPECS",
+    "KEEP_FRACTIONS",
+    "MOMENTUM_SPECS",
     "AccordionController",
     "QUANTIZE_BITS",
     "CompressionHookState",
@@ -48,7 +61,10 @@ __all__ = [
     "StaticController",
     "TopK",
     "as_gradient_compressor",
+    "choice_from_indices",
     "compressed_allreduce_hook",
+    "grad_spec",
+    "indices_of",
     "parse_compressor",
     "register_compression_hook",
 ]
