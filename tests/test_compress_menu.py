@@ -34,8 +34,8 @@ def test_each_dimension_is_ordered_cheapest_first():
     for bits in GRAD_BITS:
         sizes = [parse_compressor(grad_spec(bits, k)).nbytes(n) for k in KEEP_FRACTIONS]
         assert sizes[0] < min(sizes[1:])  # 1 % is always the cheapest
-        # 10 % holds an int32 index per kept value: cheaper than dense from 8 bits on, dearer at 2 and 4 bits
-        assert (sizes[1] < sizes[2]) == (bits >= 8)
+        # 10 % holds an int32 index per kept value: cheaper than dense from 4 bits on, dearer at 2 bits
+        assert (sizes[1] < sizes[2]) == (bits >= 4)
     assert MOMENTUM_SPECS == ("4bit", "8bit", "bf16", "fp32")
 
 

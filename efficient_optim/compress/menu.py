@@ -9,8 +9,8 @@ A menu choice is three indices ``(bits_i, keep_i, momentum_i)`` into
   state specs, ``policy.specs``), cheapest to most precise.
 
 Each tuple is ordered cheapest to most precise. Bytes rise with the index along every dimension except one:
-top-k stores an int32 index per kept value, so keeping 10 % costs more than the dense gradient at 2 and 4
-bits (the 1 % fraction is always the cheapest). Whatever needs a byte order (the budget's projection)
+top-k stores an int32 index per kept value, so keeping 10 % costs more than the dense gradient at 2 bits
+(the 1 % fraction is always the cheapest). Whatever needs a byte order (the budget's projection)
 sorts the options by their exact bytes instead of trusting the indices.
 ``grad_spec(bits, keep)`` names the gradient compressor (``specs.parse_compressor`` builds it), and
 ``choice_from_indices`` turns indices (e.g. a policy network's three heads) into a ``LayerChoice``;
