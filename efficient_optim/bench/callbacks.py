@@ -14,6 +14,8 @@ global optimizer hooks.
 
 Hooks, in the order a run calls them:
 
+- ``optimizer_options(cfg)``: before the optimizer is built: extra keyword arguments for it (e.g. a
+  ``policy``; default none). Two callbacks may not set the same one.
 - ``on_run_start(ctx)``: once per call of ``train_run``, after the model and optimizer exist and, on a resumed
   run, after the checkpoint (and each callback's saved state) was loaded: ``ctx.step`` is where it resumes.
 - ``on_before_optimizer_step(ctx, step)`` / ``on_after_optimizer_step(ctx, step)``: around every
@@ -55,6 +57,9 @@ class RunContext:
         optimizer: the run's optimizer.
         scheduler: its learning-rate schedule (a ``LambdaLR``).
         stats: the run's running statistics (``step``, losses, timings, ...), saved in the checkpoint.
+        gradient_accumulator: a ``compress.GradAccumulator`` a callback installed in ``on_run_start``
+            (default None): the gradients are then folded into its compressed buffers during backward and
+            the loop steps through it (``accumulator.step(optimizer, max_norm=clip)``), not ``optimizer.step()``.
     """
 
     cfg: object
@@ -65,6 +70,7 @@ class RunContext:
     optimizer: torch.optim.Optimizer
     scheduler: object
     stats: dict = field(default_factory=dict)
+    gradient_accumulator: object = None
 
     @property
     def step(self) -> int:
@@ -85,6 +91,10 @@ class Callback:
     """Base class: every hook does nothing; override the ones you need (see the module docstring)."""
 
     key: str | None = None  # the name its state is saved under in a checkpoint (default: the class name)
+
+    def optimizer_options(self, cfg) -> dict:
+        """Extra keyword arguments for the run's optimizer (e.g. ``{"policy": ...}``); default none."""
+        return {}
 
     def on_run_start(self, ctx: RunContext) -> None:
         """The run starts (or resumes at ``ctx.step``)."""
@@ -155,6 +165,17 @@ class CallbackList:
         """``getattr(cb, hook)(*args)`` for every callback, in order."""
         for cb in self.callbacks:
             getattr(cb, hook)(*args)
+
+    def optimizer_options(self, cfg) -> dict:
+        """Every callback's extra optimizer keyword arguments; ``ValueError`` when two set the same one."""
+        out: dict = {}
+        for key, cb in zip(self.keys, self.callbacks):
+            extra = cb.optimizer_options(cfg)
+            clash = sorted(set(extra) & set(out))
+            if clash:
+                raise ValueError(f"callback {key} sets optimizer option(s) {clash} that another callback set already")
+            out.update(extra)
+        return out
 
     def state_dict(self) -> dict:
         """Key -> state of every callback that has one."""

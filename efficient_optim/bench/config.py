@@ -79,6 +79,13 @@ class RunConfig:
             are kept; e.g. ``qadamw8+correction_bits=16``).
         grad_release: step each parameter during backward and free its gradient (our optimizers only;
             needs ``clip=0`` and ``grad_accum=1``). Default False.
+        grad_compression: compress the gradients (``bench.mango_callback``): a compressor spec with error
+            feedback, ``q8``, ``q4``, ``top10%/q8``, ``rand10%+residual=none``, or ``dgc+fraction=0.01``
+            (default None: plain gradients). With ``grad_accum`` >= 1 and one of this library's optimizers the
+            micro-batches are accumulated in compressed buffers (``compress.GradAccumulator``).
+        controller: a controller that chooses each layer's gradient and momentum compression over training
+            (``bench.mango_callback``): ``kind[+key=value...]``, e.g. ``rules+every=25+budget_bpp=8``
+            (default None: none).
         settings: a label for the setting this run belongs to in a matrix (``default``).
     """
 
@@ -110,6 +117,8 @@ class RunConfig:
     device: str = "auto"
     param_dtype: str = "float32"
     grad_release: bool = False
+    grad_compression: str | None = None
+    controller: str | None = None
     settings: str = "default"
 
     def validate(self) -> None:
@@ -141,6 +150,10 @@ class RunConfig:
                 "grad_release steps each parameter during backward: global clipping (clip > 0) and gradient "
                 "accumulation (grad_accum > 1) cannot work with it; set clip=0 and grad_accum=1"
             )
+        if self.grad_compression is not None or self.controller is not None:
+            from .mango_callback import check_run_options
+
+            check_run_options(self)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu, cuda[:N] or auto, got {self.device!r}")
 

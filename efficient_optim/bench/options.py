@@ -67,6 +67,13 @@ def add_run_options(ap: argparse.ArgumentParser, defaults: RunConfig) -> None:
                     "+correction_bits=8|16 or +weight_rounding=stochastic|kahan")  # fmt: skip
     ap.add_argument("--grad-release", action="store_true", default=d.grad_release,
                     help="step each parameter during backward and free its gradient (needs --clip 0)")  # fmt: skip
+    ap.add_argument("--grad-compression", default=d.grad_compression,
+                    help="compress the gradients, accumulated in compressed buffers: a compressor spec with error "
+                    "feedback (q8, q4, q2, bf16, top10%%/q8, rand10%%+residual=none) or dgc+fraction=0.01 "
+                    "(default none; docs/mango.md)")  # fmt: skip
+    ap.add_argument("--controller", default=d.controller,
+                    help="a controller choosing each layer's gradient and momentum compression: kind[+key=value...], "
+                    "e.g. rules+every=25 or planner+budget_bpp=8 (default none; docs/mango.md)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="output folder (default runs/<command>/<date-time>)")
     ap.add_argument("--resume", action="store_true", help="continue the runs in --out: finished runs are skipped, unfinished ones resume")
     ap.add_argument("--log", default="", help="extra logging: tensorboard, wandb (offline) or both, comma-separated")
@@ -84,7 +91,8 @@ def base_config(args: argparse.Namespace) -> RunConfig:
                     warmup_steps=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
                     eval_every=args.eval_every, eval_batches=args.eval_batches, test_fraction=args.test_fraction, target_ppl=args.target_ppl,
                     checkpoint_every=args.checkpoint_every, device=args.device, param_dtype=args.param_dtype,
-                    grad_release=args.grad_release)  # fmt: skip
+                    grad_release=args.grad_release, grad_compression=getattr(args, "grad_compression", None),
+                    controller=getattr(args, "controller", None))  # fmt: skip
     try:
         cfg.validate()
     except ValueError as exc:

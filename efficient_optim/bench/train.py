@@ -121,7 +121,11 @@ def _setup(cfg: RunConfig, run_dir: Path, callbacks: CallbackList) -> _Loop:
     model = task.build_model().to(device=device, dtype=getattr(torch, cfg.param_dtype))
     params = [p for p in model.parameters() if p.requires_grad]
     name, kwargs = cfg.optimizer_kwargs()
-    opt = create_optimizer(name, model, **kwargs)
+    extra = callbacks.optimizer_options(cfg)
+    clash = sorted(set(extra) & set(kwargs))
+    if clash:
+        raise ValueError(f"optimizer spec {cfg.optimizer!r} sets {clash}, which a callback of this run sets too")
+    opt = create_optimizer(name, model, **kwargs, **extra)
     _set_optimizer_seed(opt, cfg, kwargs)
     release = enable_gradient_release(model, opt) if cfg.grad_release else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
@@ -182,18 +186,26 @@ def _forward_backward(loop: _Loop) -> tuple[float, float]:
         loss_value += loss.item()
     if loop.release is not None:  # the parameters were stepped during backward; their gradients are gone
         return loss_value, float("nan")
+    if loop.ctx.gradient_accumulator is not None:  # folded into compressed buffers; clipped when stepped
+        return loss_value, float("nan")
     loop.grad_bytes = max(loop.grad_bytes, tensor_bytes(p.grad for p in loop.params))
     return loss_value, float(torch.nn.utils.clip_grad_norm_(loop.params, loop.clip))
 
 
-def _optimizer_step(loop: _Loop, step: int) -> None:
+def _optimizer_step(loop: _Loop, step: int, grad_norm: float) -> float:
+    """Step the optimizer (through the callbacks' gradient accumulator when one is installed); the gradient
+    norm before clipping (the accumulator measures it from its buffers)."""
     ctx = loop.ctx
     if loop.release is None:
         loop.callbacks.call("on_before_optimizer_step", ctx, step)
-        ctx.optimizer.step()
+        if ctx.gradient_accumulator is not None:
+            grad_norm = ctx.gradient_accumulator.step(ctx.optimizer, max_norm=ctx.cfg.clip)
+        else:
+            ctx.optimizer.step()
         loop.callbacks.call("on_after_optimizer_step", ctx, step)
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
+    return grad_norm
 
 
 def _record_step(loop: _Loop, step: int, loss_value: float, grad_norm: float, step_s: float, opt_s: float) -> None:
@@ -241,7 +253,7 @@ def _train_steps(loop: _Loop, progress, interrupt_at: int | None) -> bool:
             _write(loop, {"kind": "diverged", "step": step + 1, "train_loss": loss_value if math.isfinite(loss_value) else None})
             return True
         t1 = time.perf_counter()
-        _optimizer_step(loop, step + 1)
+        grad_norm = _optimizer_step(loop, step + 1, grad_norm)
         t2 = time.perf_counter()
         ctx.scheduler.step()
         ctx.optimizer.zero_grad(set_to_none=True)
@@ -276,6 +288,16 @@ def _final_evaluations(loop: _Loop, diverged: bool) -> tuple[dict, dict]:
     return final, test
 
 
+def _config_callbacks(cfg: RunConfig) -> list:
+    """The callbacks the settings themselves ask for: gradient compression and a controller
+    (``RunConfig.grad_compression`` / ``controller``; ``bench.mango_callback``)."""
+    if cfg.grad_compression is None and cfg.controller is None:
+        return []
+    from .mango_callback import GradientControlCallback
+
+    return [GradientControlCallback.from_config(cfg)]
+
+
 def train_run(cfg: RunConfig, run_dir: Path, *, callbacks=(), loggers=(), progress=None, interrupt_at: int | None = None) -> dict:
     """Train one run (or resume it from ``run_dir/checkpoint.pt``) and return its summary row.
 
@@ -295,7 +317,7 @@ def train_run(cfg: RunConfig, run_dir: Path, *, callbacks=(), loggers=(), progre
     result_path = run_dir / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
-    cbs = CallbackList([*callbacks, *(LoggerCallback(log) for log in loggers)])
+    cbs = CallbackList([*_config_callbacks(cfg), *callbacks, *(LoggerCallback(log) for log in loggers)])
     loop = _setup(cfg, run_dir, cbs)
     ctx = loop.ctx
     cbs.call("on_run_start", ctx)
