@@ -7,10 +7,16 @@ covers the parameter (the rule then runs its PyTorch reference path). Codecs say
 A table entry says which compiled entry point runs and when it applies. Providers load the compiled kernels
 per device: ``cpu`` -> the C++ kernels of ``kernels.cpu``; ``cuda`` -> the Triton kernels of
 ``kernels.triton_adamw`` when that module and Triton are present.
+
+A bf16 parameter updated through an fp32 master weight (``correction_bits`` or stochastic weight rounding)
+reaches the rules as its fp32 master view; ``master_weight`` binds that view to the bf16 storage, and a
+provider whose kernels take bf16 weights (``weight_modes``: Triton) steps the bf16 parameter and its
+correction codes directly, so the caller skips its own rounding back (``MasterWeight.stepped``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,14 +68,15 @@ def _quantized_pair_applies(p, g, mc, vc) -> bool:
     return mc.block_size == vc.block_size
 
 
-def _quantized_pair_call(fn, p, g, state, mc, vc, hp: AdamStep) -> None:
+def _quantized_pair_call(fn, p, g, state, mc, vc, hp: AdamStep, **weight) -> None:
     target = p if p.is_contiguous() else p.contiguous()  # a strided parameter steps on a copy
     m_codes, m_scales, m_tables, m_geometry, m_signed, m_bits, m_stochastic = mc.kernel_operands(state, "exp_avg")
     v_codes, v_scales, v_tables, v_geometry, v_signed, v_bits, v_stochastic = vc.kernel_operands(state, "exp_avg_sq")
     fn(target, g.contiguous(),
        m_codes, m_scales, m_tables, m_geometry, m_signed, m_bits, m_stochastic, hp.m_salt,
        v_codes, v_scales, v_tables, v_geometry, v_signed, v_bits, v_stochastic, hp.v_salt,
-       mc.block_size, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.step_size, hp.bias_correction2_sqrt)  # fmt: skip
+       mc.block_size, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.step_size, hp.bias_correction2_sqrt,
+       **weight)  # fmt: skip
     if target is not p:
         p.copy_(target)
 
@@ -92,6 +99,78 @@ ADAM_KERNELS: dict[tuple[str, str, str], FusedKernel] = {
         "adamw_quantized_factored_step", _quantized_factored_applies, _quantized_factored_call),
 }  # fmt: skip
 SHARDABLE = {("adamw", "quantized", "quantized")}  # entries that step a DTensor's local shard (element-wise states)
+# entry points that take a bf16 parameter with ``weight_correction=`` / ``weight_salt=`` (when the provider's
+# namespace says ``weight_modes``); the others step the fp32 master view
+WEIGHT_MODE_ENTRIES = {"adamw_quantized_step", "adamw_quantized_multi_step", "lion_quantized_step",
+                       "sgd_quantized_step"}  # fmt: skip
+
+
+@dataclass
+class MasterWeight:
+    """The bf16 storage behind a parameter whose rule runs on an fp32 master view (``master_weight``).
+
+    ``low``: the bf16 parameter data; ``correction``: its int8/int16 correction codes (``correction_bits``), or
+    None; ``weight_salt``: a callable giving the stochastic-rounding salt of the step being taken (called after
+    the step counter advanced), or None. ``stepped`` becomes True when a kernel updated ``low`` (and
+    ``correction``) itself: the master view is then stale and must not be rounded back."""
+
+    low: torch.Tensor
+    correction: torch.Tensor | None
+    weight_salt: Callable[[], int] | None
+    stepped: bool = False
+
+    def kwargs(self) -> dict:
+        """The kernels' keyword arguments for this weight mode."""
+        if self.correction is not None:
+            return {"weight_correction": self.correction}
+        return {"weight_salt": self.weight_salt()}
+
+    @property
+    def mode(self) -> tuple:
+        return ("correction", self.correction.dtype) if self.correction is not None else ("stochastic",)
+
+
+_MASTERS: dict[int, tuple[torch.Tensor, MasterWeight]] = {}  # id(parameter) -> (parameter, its binding)
+
+
+@contextlib.contextmanager
+def master_weight(p, low: torch.Tensor, correction: torch.Tensor | None, weight_salt: Callable[[], int] | None):
+    """Within the block, the parameter ``p`` (whose ``.data`` is its fp32 master view) is bound to its bf16
+    storage: kernels with bf16 weight modes step ``low`` directly. Yields the ``MasterWeight`` (``stepped``
+    says whether that happened), or None when this storage cannot be stepped so (not bf16, not contiguous,
+    not exactly one of ``correction`` / ``weight_salt``).
+
+    Args:
+        p: the parameter as the rules see it (its data is the fp32 master).
+        low: its bf16 data. correction: its int8/int16 correction codes, or None.
+        weight_salt: zero-argument callable returning the stochastic-rounding salt, or None.
+    """
+    eligible = (low.dtype == torch.bfloat16 and type(low) is torch.Tensor and low.is_contiguous()
+                and (correction is None) != (weight_salt is None)
+                and (correction is None or (correction.is_contiguous() and correction.shape == low.shape)))  # fmt: skip
+    if not eligible:
+        yield None
+        return
+    binding = MasterWeight(low, correction, weight_salt)
+    _MASTERS[id(p)] = (p, binding)
+    try:
+        yield binding
+    finally:
+        _MASTERS.pop(id(p), None)
+
+
+def _binding(p, kernels, entry: str) -> MasterWeight | None:
+    """The bf16 storage ``p`` is bound to, when ``kernels`` can step it through ``entry``; else None."""
+    bound = _MASTERS.get(id(p))
+    if bound is None or bound[0] is not p or entry not in WEIGHT_MODE_ENTRIES:
+        return None
+    return bound[1] if getattr(kernels, "weight_modes", False) else None
+
+
+def _block_ok(kernels, block_size: int) -> bool:
+    """Whether ``kernels``' step entry points take this block size: odd sizes (8 bits) only where the
+    namespace says ``odd_blocks`` (Triton); the C++ step kernels need even blocks (the reference path then)."""
+    return block_size % 2 == 0 or getattr(kernels, "odd_blocks", False)
 
 
 def _triton_kernels():
@@ -137,9 +216,14 @@ def fused_adam_step(rule: str, p, g, state: dict, mc, vc, hp: AdamStep) -> bool:
         return False
     kernels = _kernels_for(p.device.type)
     fn = getattr(kernels, entry.entry, None) if kernels is not None else None
-    if fn is None:
+    if fn is None or not _block_ok(kernels, mc.block_size):
         return False
-    entry.call(fn, p, g, state, mc, vc, hp)
+    bound = _binding(p, kernels, entry.entry)
+    if bound is None:
+        entry.call(fn, p, g, state, mc, vc, hp)
+    else:
+        entry.call(fn, bound.low, g, state, mc, vc, hp, **bound.kwargs())
+        bound.stepped = True
     return True
 
 
@@ -158,12 +242,16 @@ def fused_momentum_step(rule: str, p, g, state: dict, name: str, mc, salt: int, 
     entry = MOMENTUM_KERNELS.get((rule, mc.kernel_kind))
     if entry is None or sharded.is_dtensor(p) or not p.is_contiguous() or not _plain_fp32(p, g, p.device.type):
         return False
-    fn = getattr(_kernels_for(p.device.type), entry, None)
-    if fn is None:
+    kernels = _kernels_for(p.device.type)
+    fn = getattr(kernels, entry, None)
+    if fn is None or not _block_ok(kernels, mc.block_size):
         return False
+    bound = _binding(p, kernels, entry)
     codes, scales, tables, geometry, signed, bits, stochastic = mc.kernel_operands(state, name)
-    fn(p, g, codes, scales, tables, geometry, signed, bits, stochastic, salt, mc.block_size,
-       *(hyper[k] for k in _MOMENTUM_ARGS[rule]))  # fmt: skip
+    fn(bound.low if bound is not None else p, g, codes, scales, tables, geometry, signed, bits, stochastic, salt,
+       mc.block_size, *(hyper[k] for k in _MOMENTUM_ARGS[rule]), **(bound.kwargs() if bound is not None else {}))  # fmt: skip
+    if bound is not None:
+        bound.stepped = True
     return True
 
 
@@ -189,21 +277,31 @@ class FusedAdamBatch:
                 or not _plain_fp32(p, g, p.device.type) or not entry.applies(p, g, mc, vc)):  # fmt: skip
             return fused_adam_step(self.rule, p, g, state, mc, vc, hp)
         kernels = _kernels_for(p.device.type)
-        if getattr(kernels, multi, None) is None:
+        if getattr(kernels, multi, None) is None or not _block_ok(kernels, mc.block_size):
             return fused_adam_step(self.rule, p, g, state, mc, vc, hp)
-        self._queued.setdefault((p.device, mc, vc, g.dtype), []).append((p, g, state, hp))
+        bound = _binding(p, kernels, multi)
+        if bound is not None:
+            bound.stepped = True  # stepped by run(), before the caller's update returns
+            p = bound.low
+        key = (p.device, mc, vc, g.dtype, bound.mode if bound is not None else None)
+        self._queued.setdefault(key, []).append((p, g, state, hp, bound))
         return True
 
     def run(self) -> None:
-        for (device, mc, vc, _), items in self._queued.items():
+        for (device, mc, vc, _, mode), items in self._queued.items():
             fn = getattr(_kernels_for(device.type), MULTI_ENTRY[(self.rule, mc.kernel_kind, vc.kernel_kind)])
-            ms = [mc.kernel_operands(state, "exp_avg") for _, _, state, _ in items]
-            vs = [vc.kernel_operands(state, "exp_avg_sq") for _, _, state, _ in items]
-            hps = [hp for *_, hp in items]
+            ms = [mc.kernel_operands(state, "exp_avg") for _, _, state, _, _ in items]
+            vs = [vc.kernel_operands(state, "exp_avg_sq") for _, _, state, _, _ in items]
+            hps = [item[3] for item in items]
+            weight = {}
+            if mode is not None:
+                binds = [item[4] for item in items]
+                weight = ({"weight_corrections": [b.correction for b in binds]} if mode[0] == "correction"
+                          else {"weight_salts": [b.weight_salt() for b in binds]})  # fmt: skip
             m0, v0, hp0 = ms[0], vs[0], hps[0]
             fn([p for p, *_ in items], [g for _, g, *_ in items],
                [m[0] for m in ms], [m[1] for m in ms], m0[2], m0[3], m0[4], m0[5], m0[6], [h.m_salt for h in hps],
                [v[0] for v in vs], [v[1] for v in vs], v0[2], v0[3], v0[4], v0[5], v0[6], [h.v_salt for h in hps],
                mc.block_size, hp0.lr, hp0.beta1, hp0.beta2, hp0.eps, hp0.weight_decay,
-               [h.step_size for h in hps], [h.bias_correction2_sqrt for h in hps])  # fmt: skip
+               [h.step_size for h in hps], [h.bias_correction2_sqrt for h in hps], **weight)  # fmt: skip
         self._queued = {}

@@ -334,7 +334,10 @@ def _namespace(interpret: bool):
         lion_quantized_step=triton_rules.lion_quantized_step,
         sgd_quantized_step=triton_rules.sgd_quantized_step,
     )
-    return types.SimpleNamespace(device="cpu" if interpret else "cuda", interpreted=interpret, **entries)
+    # weight_modes: the steps take bf16 parameters with weight_correction= / weight_salt=;
+    # odd_blocks: odd block sizes at 8 bits (the C++ step kernels need even ones)
+    return types.SimpleNamespace(device="cpu" if interpret else "cuda", interpreted=interpret, weight_modes=True,
+                                 odd_blocks=True, **entries)
 
 
 def triton_kernels():

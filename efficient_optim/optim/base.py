@@ -15,6 +15,7 @@ from collections import OrderedDict
 import torch
 
 from ..kernels.cpu import load_cpu_kernels
+from ..kernels.dispatch import master_weight
 from ..policy.policies import Policy
 from ..policy.specs import resolve_codec
 from ..quant.rounding import mix_salt
@@ -247,16 +248,22 @@ class CodecOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         master = master_weights.open_master(p, state, group)
         low = p.data
+
+        def weight_salt() -> int:
+            step = int(state["step"].item()) if "step" in state else 0
+            return mix_salt(group.get("seed", 0), index, _WEIGHT_SALT_ID, step)
+
+        stochastic = master_weights.rounding_mode(p, group) == "stochastic"
+        correction = state[master_weights.CORRECTION_KEY] if group.get("correction_bits") is not None else None
         p.data = master  # the rule sees (and its states are shaped by) an fp32 parameter
-        try:
-            self.update([(group, [(index, p, g.float())])])
+        try:  # a kernel with bf16 weight modes (Triton) may step ``low`` and its correction itself
+            with master_weight(p, low, correction, weight_salt if stochastic else None) as bound:
+                self.update([(group, [(index, p, g.float())])])
         finally:
             p.data = low
-        salt = 0
-        if master_weights.rounding_mode(p, group) == "stochastic":
-            step = int(state["step"].item()) if "step" in state else 0
-            salt = mix_salt(group.get("seed", 0), index, _WEIGHT_SALT_ID, step)
-        p.copy_(master_weights.close_master(p, master, state, group, salt))
+        if bound is not None and bound.stepped:
+            return
+        p.copy_(master_weights.close_master(p, master, state, group, weight_salt() if stochastic else 0))
 
     def _param_index(self, param: torch.Tensor) -> tuple[dict, int]:
         info = self._info(param)
