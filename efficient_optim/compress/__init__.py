@@ -21,6 +21,7 @@ Controllers choose per-layer gradient specs and momentum specs every N steps: ``
 
 from .accumulate import GradAccumulator
 from .base import Compressor, Payload
+from .budget import TrainingBudget
 from .controller import AccordionController, Controller, ControllerPolicy, LayerChoice, StaticController
 from .ddp_hook import CompressionHookState, compressed_allreduce_hook, register_compression_hook
 from .dgc import DGC
@@ -60,6 +61,7 @@ __all__ = [
     "RandomK",
     "StaticController",
     "TopK",
+    "TrainingBudget",
     "as_gradient_compressor",
     "choice_from_indices",
     "compressed_allreduce_hook",

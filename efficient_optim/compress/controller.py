@@ -15,7 +15,7 @@ the accumulator and gradient release key them.
     for step in range(steps):
         ...micro-batches backward...
         acc.step(opt, max_norm=1.0)
-        controller.step(step, total_steps=steps)
+        controller.step(step, total_steps=steps, loss=loss.item())
 
 Kinds (one interface, ``decide(features, step)``):
 
@@ -25,22 +25,28 @@ Kinds (one interface, ``decide(features, step)``):
   the previous decision, during the first ``warmup_steps``, and right after the learning rate fell by at least
   ``lr_drop`` (relative); critical layers get the ``high`` choice (light compression), the others ``low``.
 
-Features each decision sees (``features()``): ``norm`` (mean ||g|| over the window), ``norm_std``, ``progress``
-(step / total steps), ``depth`` (position / (layers - 1)), ``numel``, ``ndim``, ``lr``. Every decision is kept
-in ``history`` (step, learning rate, per-layer choices) so the phases can be drawn against the schedule.
-Not built yet (docs/mango.md): cos(m, g) and curvature features, the budget projection and the learned policy.
+Features each decision sees (``features()``, ``features.py``): ``norm`` (mean ||g|| over the window),
+``norm_std``, ``cos_mg`` (cosine of the momentum, decoded from the optimizer's state, and the gradient),
+``curvature`` ((L_t - L_{t-1}) / ||theta_t - theta_{t-1}||^2 between decisions, from the ``loss`` given to
+``step``), ``displacement``, ``progress`` (step / total steps), ``depth`` (position / (layers - 1)),
+``numel``, ``ndim``, ``lr``. With ``budget=`` (a ``TrainingBudget``) every decision of every kind is
+projected onto the budget before it is applied (``apply``): the training memory never exceeds it. Every
+decision is kept in ``history`` (step, learning rate, training bytes, per-layer choices) so the phases can
+be drawn against the schedule. Other kinds: ``planner.PlannerController`` and the learned policy
+(``kinds.make_controller``).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections import deque
 
 import torch
 
 from ..policy import Policy
+from .budget import TrainingBudget
 from .choice import LayerChoice
+from .features import FeatureTracker, decoded_momentum
 from .feedback import GradientCompressor, as_gradient_compressor
 
 
@@ -90,10 +96,13 @@ class Controller(ABC):
             stores as its first moment, ``"exp_avg"`` for AdamW/Lion, ``"momentum_buffer"`` for SGD).
         every: decide every this many steps (default 100; the first decision is at step 0).
         window: gradient norms kept per layer for the features (default 10).
+        budget: a ``TrainingBudget``: every decision is projected onto it before it is applied, so the
+            training memory never exceeds it (default None: no limit). A budget the cheapest choices cannot
+            meet is a ``ValueError`` here.
     """
 
     def __init__(self, params, gradients=None, optimizer=None, momentum_state: str | None = None, every: int = 100,
-                 window: int = 10):  # fmt: skip
+                 window: int = 10, budget: TrainingBudget | None = None):  # fmt: skip
         self.params = list(params.parameters() if isinstance(params, torch.nn.Module) else params)
         if not self.params:
             raise ValueError("a controller needs at least one parameter")
@@ -104,52 +113,92 @@ class Controller(ABC):
             raise ValueError(f"the optimizer must be built with policy=ControllerPolicy() (an efficient_optim optimizer) "
                              f"for a controller to change its plans; got {type(optimizer).__name__} with policy "
                              f"{getattr(optimizer, 'policy', None)!r}")  # fmt: skip
+        if budget is not None and not isinstance(budget, TrainingBudget):
+            raise ValueError(f"budget must be a TrainingBudget (efficient_optim.compress.TrainingBudget), got {budget!r}")
         self.gradients: GradientCompressor | None = as_gradient_compressor(gradients) if gradients is not None else None
         if momentum_state is None:
             prefixes = getattr(optimizer, "STATE_PREFIX", {})
             momentum_state = next((k for k, v in prefixes.items() if v == "m"), "exp_avg")
         self.optimizer, self.momentum_state = optimizer, momentum_state
-        self.every, self.window = every, window
-        self.norms = {k: deque(maxlen=window) for k in range(len(self.params))}
+        self.every, self.window, self.budget = every, window, budget
+        self.tracker = FeatureTracker(self.params, window)
         self.current: dict[int, LayerChoice] = {}
         self.history: list[dict] = []
+        self.next_step = 0  # the step of the next step() call (measurements are taken before a decision)
+        if budget is not None:
+            budget.check(self)
+
+    @property
+    def norms(self) -> dict:
+        """Per layer, the window of gradient norms (``tracker.norms``)."""
+        return self.tracker.norms
+
+    def deciding_next(self) -> bool:
+        """Whether the next ``step()`` call decides (observations before it are measured for the features)."""
+        return self.next_step % self.every == 0
 
     def observe(self, key: int, grad: torch.Tensor) -> None:
-        """Record the norm of layer ``key``'s gradient (called once per step per layer)."""
-        self.norms[key].append(float(grad.detach().float().norm()))
+        """Record layer ``key``'s gradient (call once per step per layer, before ``step``): its norm, and
+        before a decision the measurements of ``measure``."""
+        self.tracker.observe(key, grad)
+        if self.deciding_next():
+            self.measure(key, grad.detach())
+
+    def measure(self, key: int, grad: torch.Tensor) -> None:
+        """Measurements taken on the last gradient before a decision: cos(momentum, gradient). Subclasses
+        extend it (the planner measures compression errors)."""
+        m = None if self.optimizer is None else decoded_momentum(self.optimizer, self.params[key], self.momentum_state)
+        self.tracker.measure_cosine(key, grad, m)
 
     def learning_rate(self) -> float | None:
         return None if self.optimizer is None else float(self.optimizer.param_groups[0]["lr"])
 
-    def features(self, step: int, total_steps: int | None = None) -> dict[int, dict]:
-        """Per-layer features at ``step`` (see the module doc); ``norm`` is NaN before any observation."""
-        n, lr = len(self.params), self.learning_rate()
-        out = {}
-        for key, p in enumerate(self.params):
-            norms = list(self.norms[key])
-            mean = sum(norms) / len(norms) if norms else float("nan")
-            std = math.sqrt(sum((x - mean) ** 2 for x in norms) / len(norms)) if norms else float("nan")
-            out[key] = {"norm": mean, "norm_std": std, "progress": step / total_steps if total_steps else None,
-                        "depth": key / max(1, n - 1), "numel": p.numel(), "ndim": p.ndim, "lr": lr}  # fmt: skip
-        return out
+    def features(self, step: int, total_steps: int | None = None, loss: float | None = None) -> dict[int, dict]:
+        """Per-layer features at ``step`` (see ``features.py``); ``loss`` is this step's loss (curvature)."""
+        return self.tracker.features(step, total_steps, self.learning_rate(), loss)
+
+    def sensitivity(self) -> dict[int, float]:
+        """Per layer, its share of the squared gradient norm (the budget lowers the smallest shares first)."""
+        return self.tracker.sensitivity()
+
+    def nbytes(self) -> int:
+        """Bytes the controller keeps per layer between decisions (the curvature feature's samples)."""
+        return self.tracker.nbytes()
 
     @abstractmethod
     def decide(self, features: dict[int, dict], step: int) -> dict[int, LayerChoice]:
         """The choice per layer (layers left out keep theirs)."""
 
-    def step(self, step: int, total_steps: int | None = None) -> dict[int, LayerChoice] | None:
-        """Decide and apply at every ``every``-th step (call after the optimizer step); the choices or None."""
+    def step(self, step: int, total_steps: int | None = None, loss: float | None = None) -> dict[int, LayerChoice] | None:
+        """Decide and apply at every ``every``-th step (call after the optimizer step); the applied choices
+        (projected onto the budget) or None.
+
+        Args:
+            step: the step just taken (0-based).
+            total_steps: the run's length (default None: ``progress`` is None).
+            loss: this step's training loss (a float; default None: no curvature feature).
+        """
+        self.next_step = step + 1
         if step % self.every:
             return None
-        choices = self.decide(self.features(step, total_steps), step)
-        self.apply(choices)
-        self.history.append({"step": step, "lr": self.learning_rate(),
-                             "choices": {k: [c.grad, c.momentum] for k, c in sorted(choices.items())}})  # fmt: skip
+        features = self.features(step, total_steps, loss)
+        choices = self.apply(self.decide(features, step))
+        self.tracker.mark(loss)
+        record = {"step": step, "lr": self.learning_rate(), "training_bytes": self.training_bytes(),
+                  "choices": {k: [c.grad, c.momentum] for k, c in sorted(choices.items())}}  # fmt: skip
+        self.history.append(record)
         return choices
 
-    def apply(self, choices: dict[int, LayerChoice]) -> None:
-        """Set each changed choice: the gradient compressor spec (now) and the momentum plan (requested from
-        the optimizer's ``ControllerPolicy``: applied before its next step)."""
+    def training_bytes(self, choices: dict | None = None) -> int:
+        """Exact training memory M under ``choices`` (default: the current ones); see ``TrainingBudget``."""
+        return (self.budget or _UNLIMITED).training_bytes(choices or {}, self)
+
+    def apply(self, choices: dict[int, LayerChoice]) -> dict[int, LayerChoice]:
+        """Project ``choices`` onto the budget, then set each changed one: the gradient compressor spec (now)
+        and the momentum plan (requested from the optimizer's ``ControllerPolicy``: applied before its next
+        step). Returns the projected choices."""
+        if self.budget is not None:
+            choices = self.budget.project(choices, self)
         for key, choice in choices.items():
             old = self.current.get(key, LayerChoice())
             if choice.grad is not None and choice.grad != old.grad and self.gradients is not None:
@@ -157,18 +206,24 @@ class Controller(ABC):
             if choice.momentum is not None and choice.momentum != old.momentum and self.optimizer is not None:
                 self.optimizer.policy.request(self.params[key], {self.momentum_state: choice.momentum})
             self.current[key] = LayerChoice(choice.grad or old.grad, choice.momentum or old.momentum)
+        return choices
 
     def state_dict(self) -> dict:
-        """Plain data: the norm windows, current choices and history (save it to resume exactly)."""
-        return {"norms": {k: list(v) for k, v in self.norms.items()},
+        """Plain data: the feature tracker (norm windows, samples, last loss), current choices and history
+        (save it to resume exactly)."""
+        return {**self.tracker.state_dict(), "next_step": self.next_step,
                 "current": {k: [c.grad, c.momentum] for k, c in self.current.items()}, "history": list(self.history)}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the controller (the optimizer's plans and the compressor's choices load with their own
         state dicts)."""
-        self.norms = {int(k): deque(v, maxlen=self.window) for k, v in state["norms"].items()}
+        self.tracker.load_state_dict(state)
+        self.next_step = int(state.get("next_step", 0))
         self.current = {int(k): LayerChoice(*c) for k, c in state["current"].items()}
         self.history = list(state["history"])
+
+
+_UNLIMITED = TrainingBudget(bytes=1)  # only its byte accounting is used (training_bytes without a budget)
 
 
 class StaticController(Controller):
