@@ -1,5 +1,5 @@
 """The ``effopt`` command line: ``list``, ``bench``, ``suite``, ``report``, ``characterize``, ``decompose``,
-``finetune``, ``landscape`` and ``theory``."""
+``finetune``, ``landscape``, ``theory`` and ``mango``."""
 
 from __future__ import annotations
 
@@ -94,6 +94,18 @@ def _decompose(argv) -> int:
     return main(argv)
 
 
+def _mango(argv) -> int:
+    from .compress.train_policy import main
+
+    if not argv or argv[0] in ("-h", "--help") or argv[0] != "train-policy":
+        print("usage: effopt mango train-policy --out PATH [options]   (see effopt mango train-policy --help)")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown mango command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    return main(argv[1:])
+
+
 COMMANDS = {
     "list": ("registered optimizers and whether each is installed", _list),
     "bench": ("compare optimizers on a small LM (see effopt bench --help)", _bench),
@@ -104,6 +116,7 @@ COMMANDS = {
     "finetune": ("downstream fine-tuning of a pretrained small LM per optimizer: effopt finetune [--quick]", _finetune),
     "landscape": ("2-D loss surfaces and mode connectivity of optimizers' solutions: effopt landscape [--quick]", _landscape),
     "theory": ("convergence, EMA error and bits-vs-epsilon checks on known optima: effopt theory [--quick]", _theory),
+    "mango": ("train the learned gradient/momentum compression policy: effopt mango train-policy --out PATH", _mango),
 }
 
 
