@@ -15,8 +15,9 @@ Where they apply: ``GradAccumulator`` (micro-batch gradients summed compressed),
 (``enable_gradient_release(model, opt, compressor=...)``) and DDP (``register_compression_hook``).
 
 Specs (``parse_compressor``): ``"fp32" | "bf16" | "q8" | "q4" | "q2" | "top<P>%" | "top<P>%/q8" | "rand<P>%"``.
-Controllers choose per-layer gradient specs and momentum specs every N steps: ``StaticController``,
-``AccordionController`` (a ``LayerChoice`` per layer; see controller.py).
+Controllers choose per-layer gradient specs and momentum specs every N steps (a ``LayerChoice`` per layer from
+the shared ``menu``): ``StaticController``, ``AccordionController``, ``PlannerController`` and the learned
+policy, all built by ``make_controller(kind, params, ...)``; ``TrainingBudget`` makes a memory limit hard.
 """
 
 from .accumulate import GradAccumulator
@@ -26,6 +27,7 @@ from .controller import AccordionController, Controller, ControllerPolicy, Layer
 from .ddp_hook import CompressionHookState, compressed_allreduce_hook, register_compression_hook
 from .dgc import DGC
 from .feedback import ErrorFeedback, GradientCompressor, NoFeedback, as_gradient_compressor
+from .kinds import CONTROLLER_KINDS, make_controller
 from .menu import (
     GRAD_BITS,
     GRAD_SPECS,
@@ -35,11 +37,13 @@ from .menu import (
     grad_spec,
     indices_of,
 )
+from .planner import PlannerController
 from .quantize import QUANTIZE_BITS, Quantize
 from .sparsify import RandomK, TopK
 from .specs import parse_compressor
 
 __all__ = [
+    "CONTROLLER_KINDS",
     "DGC",
     "GRAD_BITS",
     "GRAD_SPECS",
@@ -57,6 +61,7 @@ __all__ = [
     "LayerChoice",
     "NoFeedback",
     "Payload",
+    "PlannerController",
     "Quantize",
     "RandomK",
     "StaticController",
@@ -67,6 +72,7 @@ __all__ = [
     "compressed_allreduce_hook",
     "grad_spec",
     "indices_of",
+    "make_controller",
     "parse_compressor",
     "register_compression_hook",
 ]

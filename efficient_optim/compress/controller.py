@@ -231,12 +231,15 @@ class StaticController(Controller):
 
     Args:
         params, gradients, optimizer, momentum_state, every, window: as ``Controller``'s.
-        choices: ``{position: LayerChoice}``, or a function ``(position, param) -> LayerChoice`` (every layer).
+        choices: ``{position: LayerChoice}``, a function ``(position, param) -> LayerChoice`` (every layer), or
+            one ``LayerChoice`` for every layer.
     """
 
     def __init__(self, params, choices, **kwargs):
         super().__init__(params, **kwargs)
-        if callable(choices):
+        if isinstance(choices, LayerChoice):
+            choices = dict.fromkeys(range(len(self.params)), choices)
+        elif callable(choices):
             choices = {k: choices(k, p) for k, p in enumerate(self.params)}
         if not isinstance(choices, dict) or not all(isinstance(c, LayerChoice) for c in choices.values()):
             raise ValueError("choices must map positions to LayerChoice (or be a function returning one)")
