@@ -18,6 +18,8 @@ from efficient_optim.compress import (
     Quantize,
     StaticController,
     TopK,
+    TrainingBudget,
+    make_controller,
     parse_compressor,
 )
 
@@ -131,12 +133,20 @@ def test_accordion_marks_changing_layers_warmup_and_lr_drops_critical():
     assert [h["lr"] for h in ctl.history] == [1e-3, 1e-3, 1e-3, 4e-4]
 
 
-def run_with_controller(steps, ckpt_at=None, resume=None):
+def make_controller_for(kind, params, opt):
+    gradients = ErrorFeedback(Quantize(8, rounding="stochastic"))
+    if kind == "rules":
+        return AccordionController(params, gradients=gradients, optimizer=opt, every=2, window=2, threshold=0.05)
+    budget = TrainingBudget(bytes_per_param=6.8)  # tight: every decision is projected or planned
+    extra = {"choices": LayerChoice("fp32", "fp32")} if kind == "static" else {}  # projected onto the budget
+    return make_controller(kind, params, gradients=gradients, optimizer=opt, every=2, window=2, budget=budget, **extra)
+
+
+def run_with_controller(steps, ckpt_at=None, resume=None, kind="rules"):
     model = make_model()
     params = list(model.parameters())
     opt = eo.AdamW(params, lr=1e-3, policy=ControllerPolicy())
-    ctl = AccordionController(params, gradients=ErrorFeedback(Quantize(8, rounding="stochastic")), optimizer=opt,
-                              every=2, window=2, threshold=0.05)  # fmt: skip
+    ctl = make_controller_for(kind, params, opt)
     acc = GradAccumulator(params, ctl.gradients, observer=ctl.observe)
     start = 0
     if resume is not None:
@@ -153,15 +163,74 @@ def run_with_controller(steps, ckpt_at=None, resume=None):
                         "ctl": ctl.state_dict(), "step": step}, buf)  # fmt: skip
             buf.seek(0)
             saved = torch.load(buf, weights_only=True)
+        total = 0.0
         for x, y in DATA[(2 * step) % 12:(2 * step) % 12 + 2]:
-            (F.mse_loss(model(x), y) / 2).backward()
+            loss = F.mse_loss(model(x), y) / 2
+            loss.backward()
+            total += loss.item()
         acc.step(opt, max_norm=1.0)
-        ctl.step(step)
-    return torch.cat([p.detach().reshape(-1) for p in params]), ctl.history, saved
+        ctl.step(step, total_steps=steps, loss=total)
+    return torch.cat([p.detach().reshape(-1) for p in params]), ctl.history, saved, ctl
 
 
 def test_a_run_with_a_controller_resumes_exactly():
-    ref, history, saved = run_with_controller(8, ckpt_at=3)
+    ref, history, saved, _ = run_with_controller(8, ckpt_at=3)
     assert {tuple(c) for h in history for c in h["choices"].values()} == {("q8", "8bit"), ("q2", "4bit")}  # both used
-    resumed, resumed_history, _ = run_with_controller(8, resume=saved)
+    resumed, resumed_history, _, _ = run_with_controller(8, resume=saved)
     assert torch.equal(resumed, ref) and resumed_history == history
+
+
+@pytest.mark.parametrize("kind", ["static", "planner"])
+def test_a_run_with_a_budgeted_controller_resumes_exactly(kind):
+    ref, history, saved, ctl = run_with_controller(8, ckpt_at=5, kind=kind)
+    resumed, resumed_history, _, other = run_with_controller(8, resume=saved, kind=kind)
+    assert torch.equal(resumed, ref) and resumed_history == history
+    assert all(h["training_bytes"] <= ctl.budget.limit(ctl) for h in history)
+    assert all(h["choices"][0] != ["fp32", "fp32"] for h in history)  # the largest layer was always lowered
+    mine, theirs = ctl.state_dict(), other.state_dict()
+    assert mine["last_loss"] == theirs["last_loss"] and mine["norms"] == theirs["norms"]
+    assert all(torch.equal(mine["snapshots"][k], theirs["snapshots"][k]) for k in mine["snapshots"])
+
+
+class Recording(StaticController):
+    """A static controller that keeps the features of every decision."""
+
+    def decide(self, features, step):
+        self.seen = getattr(self, "seen", []) + [(step, features)]
+        return super().decide(features, step)
+
+
+def test_features_cos_mg_and_curvature_are_what_they_say():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(20000))]
+    opt = eo.AdamW(params, lr=1e-2, policy=ControllerPolicy())
+    ctl = Recording(params, {1: LayerChoice(momentum="8bit")}, optimizer=opt, every=3)
+    losses, thetas, cosines = [], [], {}
+    for step in range(7):
+        grads = [torch.randn_like(p) + 0.5 for p in params]
+        if step % 3 == 0 and step:  # the momentum the optimizer holds now (8-bit for layer 1), decoded
+            for k, p in enumerate(params):
+                m = opt.plan_of(p)["exp_avg"].decode(opt.state[p], "exp_avg", p)
+                cosines[(step, k)] = float(F.cosine_similarity(m.reshape(-1), grads[k].reshape(-1), dim=0))
+        for k, (p, g) in enumerate(zip(params, grads)):
+            ctl.observe(k, g)
+            p.grad = g
+        opt.step()
+        losses.append(float(step) ** 2)
+        ctl.step(step, total_steps=7, loss=losses[-1])
+        thetas.append([p.detach().clone() for p in params])
+    assert opt.plan_of(params[1])["exp_avg"].bits == 8
+    (s0, f0), (s3, f3), (s6, f6) = ctl.seen
+    assert (s0, s3, s6) == (0, 3, 6)
+    assert all(f0[k]["cos_mg"] != f0[k]["cos_mg"] for k in (0, 1))  # NaN: no momentum yet
+    assert all(f0[k]["curvature"] != f0[k]["curvature"] for k in (0, 1))  # NaN: no previous decision
+    for step, features in ((3, f3), (6, f6)):
+        for k in (0, 1):
+            assert features[k]["cos_mg"] == pytest.approx(cosines[(step, k)], rel=1e-5)
+        moved = [float((a - b).square().sum()) for a, b in zip(thetas[step], thetas[step - 3])]
+        assert features[0]["displacement"] == pytest.approx(moved[0], rel=1e-5)  # <= 512 elements: exact
+        assert features[1]["displacement"] == pytest.approx(moved[1], rel=0.15)  # sampled every 40th element
+        estimate = (losses[step] - losses[step - 3]) / (features[0]["displacement"] + features[1]["displacement"])
+        assert features[1]["curvature"] == features[0]["curvature"] == pytest.approx(estimate)
+        assert features[0]["curvature"] == pytest.approx((losses[step] - losses[step - 3]) / sum(moved), rel=0.15)
+    assert ctl.nbytes() == 4 * (300 + 500)  # the samples: 300 + ceil(20000 / 40) float32
