@@ -179,10 +179,16 @@ def momentum_bits(spec: str | None) -> float | None:
 
 
 # ------------------------------------------------------------------------------------ the callback
-def _history_bytes(entry: dict) -> tuple[int | None, int | None]:
-    """``(training bytes, budget bytes)`` a controller's history entry records (``None`` where it has none)."""
+def budget_limit(controller) -> int | None:
+    """The controller's training-memory budget in bytes (``TrainingBudget.limit``), or None without one."""
+    budget = getattr(controller, "budget", None)
+    return None if budget is None else int(budget.limit(controller))
+
+
+def _history_bytes(entry: dict, limit: int | None) -> tuple[int | None, int | None]:
+    """``(training bytes, budget bytes)`` of a controller's history entry (``None`` where there is none)."""
     nbytes = entry.get("training_bytes")
-    budget = entry.get("budget_bytes")
+    budget = entry.get("budget_bytes", limit)
     return (int(nbytes) if nbytes is not None else None), (int(budget) if budget is not None else None)
 
 
@@ -295,7 +301,7 @@ class GradientControlCallback(Callback):
 
     def _log_decision(self, ctx: RunContext, step: int, metrics: dict) -> None:
         entry = self.controller.history[-1] if self.controller.history else {}
-        nbytes, budget = _history_bytes(entry)
+        nbytes, budget = _history_bytes(entry, budget_limit(self.controller))
         grad = {n: self.controller.current.get(k, LayerChoice()).grad for k, n in enumerate(self.names)}
         mom = {n: self.controller.current.get(k, LayerChoice()).momentum for k, n in enumerate(self.names)}
         sizes = {n: p.numel() for n, p in zip(self.names, self.params)}
@@ -327,7 +333,8 @@ class GradientControlCallback(Callback):
             result["skipped_steps"] = result.get("skipped_steps", 0) + self.accumulator.skipped_steps
         if self.controller is None:
             return
-        recorded = [_history_bytes(e) for e in self.controller.history]
+        limit = budget_limit(self.controller)
+        recorded = [_history_bytes(e, limit) for e in self.controller.history]
         budgets = [b for _, b in recorded if b is not None]
         over = [n for n, b in recorded if n is not None and b is not None and n > b]
         result.update({
