@@ -45,7 +45,8 @@ def test_fused_matches_reference(bits, rounding, numel):
         assert same > 0.995, (key, same)
 
 
-@pytest.mark.parametrize("m_map,v_map", [("softsign", "linear_nozero"), ("linear", "linear"), ("dynamic", "softsign")])
+@pytest.mark.parametrize("m_map,v_map", [("softsign", "linear_nozero"), ("linear", "linear"), ("dynamic", "softsign"),
+                                         ("sqrt", "sqrt_nozero")])  # fmt: skip
 def test_fused_matches_reference_for_other_maps_and_bf16_scales(m_map, v_map):
     (p_ref, _), (p_fused, _) = _one_step_from_same_state(
         3000, bits=8, m_map=m_map, v_map=v_map, scale_dtype="bfloat16", m_block_size=64, v_block_size=64
@@ -81,9 +82,9 @@ def test_nonfinite_scan_matches_isfinite():
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("m_map,v_map", [("linear", "linear_nozero"), ("softsign", "sqrt_nozero")])
+@pytest.mark.parametrize("m_map,v_map", [("linear", "linear_nozero"), ("softsign", "sqrt_nozero"), ("sqrt", "sqrt_nozero")])
 def test_fused_4bit_register_path_matches_reference(m_map, v_map, rounding):
-    """15- and 16-level maps take the table-free AVX2 path (levels padded to 16 in registers)."""
+    """15- and 16-level maps take the table-free paths (levels padded to 16 in registers)."""
     (p_ref, s_ref), (p_fused, s_fused) = _one_step_from_same_state(
         2000, bits=4, m_map=m_map, v_map=v_map, rounding=rounding
     )

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("cpu_adamw.cpp")
+# headers the source includes (one translation unit); their text is part of the build key
+_HEADERS = tuple(Path(__file__).with_name(h) for h in ("cpu_maps.h", "cpu_avx512.h", "cpu_codec.h"))
 # -ffp-contract=off keeps a*b+c as two roundings, like the PyTorch reference; -fno-math-errno lets sqrt
 # vectorize. No -ffast-math: NaN/Inf and denormal behaviour stay IEEE.
 _CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=256", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
@@ -59,6 +61,14 @@ def _compiler_version() -> str:
     return f"{cxx}: {out.strip().splitlines()[0] if out.strip() else ''}"
 
 
+def _sources_digest() -> str:
+    """SHA-256 of the kernel source and the headers it includes, in order."""
+    digest = hashlib.sha256()
+    for path in (_SOURCE, *_HEADERS):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def build_key(**overrides) -> dict:
     """Everything that changes the compiled binary, as a dict of strings (the cache is keyed by its digest).
 
@@ -76,7 +86,7 @@ def build_key(**overrides) -> dict:
         "ldflags": " ".join(_LDFLAGS),
         "cpu": _cpu_fingerprint(),
         "compiler": _compiler_version(),
-        "source_sha256": hashlib.sha256(_SOURCE.read_bytes()).hexdigest(),
+        "source_sha256": _sources_digest(),
     }
     unknown = set(overrides) - set(key)
     if unknown:

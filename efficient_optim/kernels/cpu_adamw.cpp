@@ -7,378 +7,15 @@
 //
 // The arithmetic mirrors efficient_optim/quant/blockwise.py (the reference) step by step: same scale
 // rounding, same bucket-table floor index, same counter-based hash for stochastic rounding.
-#include <torch/extension.h>
+//
+// The pieces live in headers included only here: cpu_maps.h (map and state views, closed-form maps),
+// cpu_avx512.h (AVX-512 block encoders/decoders), cpu_codec.h (one block's encode/decode, every path).
 #include <ATen/Parallel.h>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <vector>
+#include "cpu_codec.h"
 
 namespace {
 
-constexpr uint32_t kGolden = 0x9E3779B9u;
-
-inline uint32_t fmix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  h ^= h >> 16;
-  return h;
-}
-
-inline float bits_to_float(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-
-inline uint32_t float_to_bits(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  return b;
-}
-
-struct MapView {
-  const float* levels;
-  const int32_t* lut;  // bucket table (see quant/maps.py): floor index at each bucket's lower edge
-  int num_levels;
-  int mant_bits;
-  int exp_range;
-  bool is_signed;
-  // nearest rounding: bucket table over the fp32 midpoints (+inf padded): count of midpoints <= edge
-  const float* mids;
-  const int32_t* mid_lut;
-  int mid_mant_bits;
-  int mid_exp_range;
-  float lo, hi;  // first and last level
-};
-
-struct StateView {
-  uint8_t* codes;
-  void* scales;
-  bool scale_bf16;
-  MapView map;
-  bool stochastic;
-  uint32_t salt;
-};
-
-inline float load_scale(const StateView& s, int64_t b) {
-  if (s.scale_bf16) {
-    uint16_t raw = static_cast<const uint16_t*>(s.scales)[b];
-    return bits_to_float(static_cast<uint32_t>(raw) << 16);
-  }
-  return static_cast<const float*>(s.scales)[b];
-}
-
-// Store the block maximum as the scale (bf16: rounded up, clamped to the largest finite bf16);
-// returns the scale value actually used for encoding.
-inline float store_scale(StateView& s, int64_t b, float absmax) {
-  if (s.scale_bf16) {
-    uint64_t bits = float_to_bits(absmax);
-    bits = (bits + 0xFFFFu) & 0xFFFF0000u;
-    if (bits > 0x7F7F0000u) bits = 0x7F7F0000u;
-    static_cast<uint16_t*>(s.scales)[b] = static_cast<uint16_t>(bits >> 16);
-    return bits_to_float(static_cast<uint32_t>(bits));
-  }
-  static_cast<float*>(s.scales)[b] = absmax;
-  return absmax;
-}
-
-inline uint32_t bucket_key(float u, int mbits, int erange, uint32_t sign_mask) {
-  uint32_t bits;
-  std::memcpy(&bits, &u, 4);
-  uint32_t sign = (bits >> 31) & sign_mask;
-  int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - (127 - erange);
-  uint32_t mant = (bits & 0x7FFFFFu) >> (23 - mbits);
-  mant = e < 0 ? 0u : mant;
-  e = e < 0 ? 0 : e;
-  e = e > erange ? erange : e;  // only a NaN gets here (u is clamped to [-1, 1]); keep reads in bounds
-  uint32_t per_sign = static_cast<uint32_t>(erange + 1) << mbits;
-  return sign * per_sign + (static_cast<uint32_t>(e) << mbits) + mant;
-}
-
-// Codes of one block given its scale; identical to encode_normalized() in the reference.
-// Branch-free so it vectorizes (gathers from the small level and bucket tables).
-template <bool STOCHASTIC>
-void encode_values(const MapView& m, const float* __restrict x, int32_t* __restrict out, int64_t len,
-                   float scale, uint32_t salt, uint32_t first_elem) {
-  const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
-  const float* __restrict lev = m.levels;
-  const int32_t last = m.num_levels - 1;
-  const uint32_t sign_mask = m.is_signed ? 1u : 0u;
-  const float first = m.lo, top = m.hi;
-  for (int64_t i = 0; i < len; ++i) {
-    float u = x[i] * inv;
-    u = u < first ? first : u;
-    u = u > top ? top : u;
-    u = u + 0.0f;  // -0.0 -> +0.0
-    if (!STOCHASTIC) {  // nearest: number of midpoints <= u (ties round up)
-      int32_t cnt = m.mid_lut[bucket_key(u, m.mid_mant_bits, m.mid_exp_range, sign_mask)];
-      out[i] = cnt + (m.mids[cnt] <= u ? 1 : 0);
-      continue;
-    }
-    int32_t lo = m.lut[bucket_key(u, m.mant_bits, m.exp_range, sign_mask)];
-    int32_t nxt = lo + 1 < last ? lo + 1 : last;
-    lo = lev[nxt] <= u ? nxt : lo;
-    int32_t hi = lo + 1 < last ? lo + 1 : last;
-    float below = u - lev[lo];
-    float gap = lev[hi] - lev[lo];
-    float r = static_cast<float>(fmix32((first_elem + static_cast<uint32_t>(i)) * kGolden + salt) >> 8) *
-              (1.0f / 16777216.0f);
-    out[i] = r * gap < below ? hi : lo;
-  }
-}
-
-#if defined(__AVX2__)
-inline __m256i fmix32_avx2(__m256i h) {
-  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int32_t>(0x85EBCA6Bu)));
-  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int32_t>(0xC2B2AE35u)));
-  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-}
-
-struct KeyConsts {
-  __m256i signmask, per_sign, ebias, erange, zero, byte, mant;
-  __m128i mshift, eshift;
-  KeyConsts(int mbits, int erange_, bool is_signed) {
-    signmask = _mm256_set1_epi32(is_signed ? 1 : 0);
-    per_sign = _mm256_set1_epi32((erange_ + 1) << mbits);
-    ebias = _mm256_set1_epi32(127 - erange_);
-    erange = _mm256_set1_epi32(erange_);
-    zero = _mm256_setzero_si256();
-    byte = _mm256_set1_epi32(0xFF);
-    mant = _mm256_set1_epi32(0x7FFFFF);
-    mshift = _mm_cvtsi32_si128(23 - mbits);
-    eshift = _mm_cvtsi32_si128(mbits);
-  }
-};
-
-inline __m256i bucket_key_avx2(__m256 u, const KeyConsts& k) {
-  const __m256i b = _mm256_castps_si256(u);
-  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(b, 31), k.signmask);
-  __m256i e = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 23), k.byte), k.ebias);
-  __m256i mant = _mm256_srl_epi32(_mm256_and_si256(b, k.mant), k.mshift);
-  mant = _mm256_andnot_si256(_mm256_cmpgt_epi32(k.zero, e), mant);
-  e = _mm256_min_epi32(_mm256_max_epi32(e, k.zero), k.erange);
-  return _mm256_add_epi32(_mm256_mullo_epi32(sign, k.per_sign), _mm256_add_epi32(_mm256_sll_epi32(e, k.eshift), mant));
-}
-
-// Maps with at most 16 levels (4-bit): no tables at all. Nearest = number of midpoints <= u, counted with
-// one compare per midpoint held in a register; stochastic = floor index counted the same way, its two
-// neighbouring levels looked up with in-register permutes. Same results as the table path.
-inline __m256 lookup16(__m256 lo8, __m256 hi8, __m256i idx) {
-  const __m256 a = _mm256_permutevar8x32_ps(lo8, idx);
-  const __m256 b = _mm256_permutevar8x32_ps(hi8, idx);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
-}
-
-template <bool STOCHASTIC>
-int64_t encode_small_avx2(const MapView& m, const float* __restrict x, int32_t* __restrict out, int64_t len,
-                          float scale, uint32_t salt, uint32_t first_elem) {
-  const int n = m.num_levels;
-  alignas(32) float lev[16], mid[16];
-  for (int j = 0; j < 16; ++j) {
-    lev[j] = m.levels[j < n ? j : n - 1];
-    mid[j] = j < n - 1 ? m.mids[j] : std::numeric_limits<float>::infinity();
-  }
-  __m256 vmid[15], vlev[16];
-  for (int j = 0; j < 15; ++j) vmid[j] = _mm256_set1_ps(mid[j]);
-  for (int j = 0; j < 16; ++j) vlev[j] = _mm256_set1_ps(lev[j]);
-  const __m256 lev_lo8 = _mm256_load_ps(lev), lev_hi8 = _mm256_load_ps(lev + 8);
-  const __m256 vinv = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
-  const __m256 vfirst = _mm256_set1_ps(m.lo), vtop = _mm256_set1_ps(m.hi), vzero = _mm256_setzero_ps();
-  const __m256i vlast = _mm256_set1_epi32(n - 1), vone = _mm256_set1_epi32(1);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i vgolden = _mm256_set1_epi32(static_cast<int32_t>(kGolden)), vsalt = _mm256_set1_epi32(static_cast<int32_t>(salt));
-  const __m256 vr = _mm256_set1_ps(1.0f / 16777216.0f);
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-    __m256 u = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
-    u = _mm256_blendv_ps(u, vfirst, _mm256_cmp_ps(u, vfirst, _CMP_LT_OQ));
-    u = _mm256_blendv_ps(u, vtop, _mm256_cmp_ps(u, vtop, _CMP_GT_OQ));
-    u = _mm256_add_ps(u, vzero);
-    __m256i code = _mm256_setzero_si256();
-    if (!STOCHASTIC) {
-      for (int j = 0; j < 15; ++j)  // (mid <= u) is -1 per lane where true
-        code = _mm256_sub_epi32(code, _mm256_castps_si256(_mm256_cmp_ps(vmid[j], u, _CMP_LE_OQ)));
-    } else {
-      __m256i cnt = _mm256_setzero_si256();
-      for (int j = 0; j < 16; ++j)
-        cnt = _mm256_sub_epi32(cnt, _mm256_castps_si256(_mm256_cmp_ps(vlev[j], u, _CMP_LE_OQ)));
-      // padded levels repeat the last one: clamp the count to the real levels before taking the floor
-      const __m256i lo = _mm256_sub_epi32(_mm256_min_epi32(cnt, _mm256_set1_epi32(n)), vone);
-      const __m256i hi = _mm256_min_epi32(_mm256_add_epi32(lo, vone), vlast);
-      const __m256 l0 = lookup16(lev_lo8, lev_hi8, lo), l1 = lookup16(lev_lo8, lev_hi8, hi);
-      const __m256 below = _mm256_sub_ps(u, l0), gap = _mm256_sub_ps(l1, l0);
-      const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first_elem + static_cast<uint32_t>(i))), lane);
-      const __m256i h = fmix32_avx2(_mm256_add_epi32(_mm256_mullo_epi32(idx, vgolden), vsalt));
-      const __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), vr);
-      const __m256 up = _mm256_cmp_ps(_mm256_mul_ps(r, gap), below, _CMP_LT_OQ);
-      code = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), up));
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), code);
-  }
-  return i;
-}
-
-// encode_values() eight lanes at a time; returns how many elements it handled (a multiple of 8).
-template <bool STOCHASTIC>
-int64_t encode_values_avx2(const MapView& m, const float* __restrict x, int32_t* __restrict out, int64_t len,
-                           float scale, uint32_t salt, uint32_t first_elem) {
-  const __m256 vinv = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
-  const __m256 vfirst = _mm256_set1_ps(m.lo), vtop = _mm256_set1_ps(m.hi), vzero = _mm256_setzero_ps();
-  const __m256i vlast = _mm256_set1_epi32(m.num_levels - 1), vone = _mm256_set1_epi32(1);
-  const KeyConsts kfloor(m.mant_bits, m.exp_range, m.is_signed);
-  const KeyConsts kmid(m.mid_mant_bits, m.mid_exp_range, m.is_signed);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i vgolden = _mm256_set1_epi32(static_cast<int32_t>(kGolden)), vsalt = _mm256_set1_epi32(static_cast<int32_t>(salt));
-  const __m256 vr = _mm256_set1_ps(1.0f / 16777216.0f);
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-    __m256 u = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
-    u = _mm256_blendv_ps(u, vfirst, _mm256_cmp_ps(u, vfirst, _CMP_LT_OQ));
-    u = _mm256_blendv_ps(u, vtop, _mm256_cmp_ps(u, vtop, _CMP_GT_OQ));
-    u = _mm256_add_ps(u, vzero);
-    __m256i code;
-    if (!STOCHASTIC) {  // nearest: number of midpoints <= u
-      const __m256i cnt = _mm256_i32gather_epi32(m.mid_lut, bucket_key_avx2(u, kmid), 4);
-      const __m256 mid = _mm256_i32gather_ps(m.mids, cnt, 4);
-      // (mid <= u) is all-ones (-1) per lane: subtracting it adds one
-      code = _mm256_sub_epi32(cnt, _mm256_castps_si256(_mm256_cmp_ps(mid, u, _CMP_LE_OQ)));
-    } else {
-      __m256i lo = _mm256_i32gather_epi32(m.lut, bucket_key_avx2(u, kfloor), 4);
-      const __m256i nxt = _mm256_min_epi32(_mm256_add_epi32(lo, vone), vlast);
-      const __m256 lev_nxt = _mm256_i32gather_ps(m.levels, nxt, 4);
-      lo = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(nxt),
-                                                _mm256_cmp_ps(lev_nxt, u, _CMP_LE_OQ)));
-      const __m256i hi = _mm256_min_epi32(_mm256_add_epi32(lo, vone), vlast);
-      const __m256 lev_lo = _mm256_i32gather_ps(m.levels, lo, 4);
-      const __m256 lev_hi = _mm256_i32gather_ps(m.levels, hi, 4);
-      const __m256 below = _mm256_sub_ps(u, lev_lo);
-      const __m256 gap = _mm256_sub_ps(lev_hi, lev_lo);
-      const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first_elem + static_cast<uint32_t>(i))), lane);
-      const __m256i h = fmix32_avx2(_mm256_add_epi32(_mm256_mullo_epi32(idx, vgolden), vsalt));
-      const __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), vr);
-      const __m256 up = _mm256_cmp_ps(_mm256_mul_ps(r, gap), below, _CMP_LT_OQ);
-      code = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), up));
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), code);
-  }
-  return i;
-}
-#endif
-
-template <int BITS>
-void decode_block(const StateView& s, int64_t start, int64_t len, float scale, float* __restrict out) {
-  const float* __restrict lev = s.map.levels;
-  if (BITS == 8) {
-    const uint8_t* __restrict c = s.codes + start;
-    for (int64_t i = 0; i < len; ++i) out[i] = lev[c[i]] * scale;
-  } else {  // start is even (block_size is even)
-    const uint8_t* __restrict c = s.codes + (start >> 1);
-    const int64_t pairs = len >> 1;
-    for (int64_t j = 0; j < pairs; ++j) {
-      out[2 * j] = lev[c[j] & 0xFu] * scale;
-      out[2 * j + 1] = lev[c[j] >> 4] * scale;
-    }
-    if (len & 1) out[len - 1] = lev[c[pairs] & 0xFu] * scale;
-  }
-}
-
-template <int BITS>
-void encode_block(StateView& s, const float* __restrict buf, int32_t* __restrict tmp, int64_t start, int64_t len,
-                  float scale) {
-  int64_t done = 0;
-  const uint32_t first = static_cast<uint32_t>(start);
-#if defined(__AVX2__)
-  if (s.map.num_levels <= 16) {
-    done = s.stochastic ? encode_small_avx2<true>(s.map, buf, tmp, len, scale, s.salt, first)
-                        : encode_small_avx2<false>(s.map, buf, tmp, len, scale, s.salt, first);
-  } else {
-    done = s.stochastic ? encode_values_avx2<true>(s.map, buf, tmp, len, scale, s.salt, first)
-                        : encode_values_avx2<false>(s.map, buf, tmp, len, scale, s.salt, first);
-  }
-#endif
-  if (s.stochastic) {
-    encode_values<true>(s.map, buf + done, tmp + done, len - done, scale, s.salt, first + static_cast<uint32_t>(done));
-  } else {
-    encode_values<false>(s.map, buf + done, tmp + done, len - done, scale, s.salt, first + static_cast<uint32_t>(done));
-  }
-  if (BITS == 8) {
-    uint8_t* __restrict c = s.codes + start;
-    for (int64_t i = 0; i < len; ++i) c[i] = static_cast<uint8_t>(tmp[i]);
-  } else {  // a tail of odd length pads its last high nibble with 0
-    uint8_t* __restrict c = s.codes + (start >> 1);
-    const int64_t pairs = len >> 1;
-    for (int64_t j = 0; j < pairs; ++j) c[j] = static_cast<uint8_t>(tmp[2 * j] | (tmp[2 * j + 1] << 4));
-    if (len & 1) c[pairs] = tmp[len - 1];
-  }
-}
-
-// Largest |x| of a block, on the bit patterns (an integer max, which vectorizes without fast-math).
-inline float block_absmax(const float* __restrict x, int64_t len) {
-  uint32_t best = 0;
-  for (int64_t i = 0; i < len; ++i) {
-    uint32_t b;
-    std::memcpy(&b, x + i, 4);
-    b &= 0x7FFFFFFFu;
-    best = b > best ? b : best;
-  }
-  return bits_to_float(best);
-}
-
-MapView map_view(const torch::Tensor& levels, const torch::Tensor& lut, int64_t mant_bits, int64_t exp_range,
-                 bool is_signed, const torch::Tensor& mids, const torch::Tensor& mid_lut, int64_t mid_mant_bits,
-                 int64_t mid_exp_range) {
-  TORCH_CHECK(levels.dtype() == torch::kFloat32 && levels.is_contiguous(), "levels must be contiguous fp32");
-  TORCH_CHECK(lut.dtype() == torch::kInt32 && lut.is_contiguous(), "bucket table must be contiguous int32");
-  TORCH_CHECK(lut.numel() == ((exp_range + 1) << mant_bits) * (is_signed ? 2 : 1), "bucket table size mismatch");
-  MapView m;
-  m.levels = levels.data_ptr<float>();
-  m.lut = lut.data_ptr<int32_t>();
-  m.num_levels = static_cast<int>(levels.numel());
-  m.mant_bits = static_cast<int>(mant_bits);
-  m.exp_range = static_cast<int>(exp_range);
-  m.is_signed = is_signed;
-  TORCH_CHECK(mids.dtype() == torch::kFloat32 && mids.is_contiguous() && mids.numel() == levels.numel(),
-              "midpoints must be contiguous fp32, one per level (the last +inf)");
-  TORCH_CHECK(mid_lut.dtype() == torch::kInt32 && mid_lut.is_contiguous() &&
-                  mid_lut.numel() == ((mid_exp_range + 1) << mid_mant_bits) * (is_signed ? 2 : 1),
-              "midpoint bucket table size mismatch");
-  m.mids = mids.data_ptr<float>();
-  m.mid_lut = mid_lut.data_ptr<int32_t>();
-  m.mid_mant_bits = static_cast<int>(mid_mant_bits);
-  m.mid_exp_range = static_cast<int>(mid_exp_range);
-  m.lo = m.levels[0];
-  m.hi = m.levels[m.num_levels - 1];
-  return m;
-}
-
-StateView state_view(torch::Tensor& codes, torch::Tensor& scales, const std::vector<torch::Tensor>& tables,
-                     const std::vector<int64_t>& geometry, bool is_signed, bool stochastic, int64_t salt) {
-  TORCH_CHECK(tables.size() == 4 && geometry.size() == 4,
-              "expects tables (levels, lut, midpoints, mid_lut) and geometry (mant, exp, mid_mant, mid_exp)");
-  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous(), "codes must be contiguous uint8");
-  TORCH_CHECK(scales.is_contiguous(), "scales must be contiguous");
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kBFloat16,
-              "scales must be fp32 or bf16");
-  StateView s;
-  s.codes = codes.data_ptr<uint8_t>();
-  s.scales = scales.data_ptr();
-  s.scale_bf16 = scales.dtype() == torch::kBFloat16;
-  s.map = map_view(tables[0], tables[1], geometry[0], geometry[1], is_signed, tables[2], tables[3], geometry[2], geometry[3]);
-  s.stochastic = stochastic;
-  s.salt = static_cast<uint32_t>(salt);
-  return s;
-}
 
 inline void adamw_update(float* __restrict p, const float* __restrict g, float* __restrict m,
                          float* __restrict v, int64_t len, float beta1, float beta2, float eps, float decay,
@@ -406,17 +43,18 @@ void adamw_blocks(float* p, const float* g, StateView m, StateView v, int64_t n,
   at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
     std::vector<float> mbuf(block), vbuf(block);
     std::vector<int32_t> tmp(block);
+    const FastState mfast(m), vfast(v);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block;
       const int64_t len = std::min(block, n - start);
-      decode_block<MB>(m, start, len, load_scale(m, b), mbuf.data());
-      decode_block<VB>(v, start, len, load_scale(v, b), vbuf.data());
+      decode_block<MB>(m, mfast, start, len, load_scale(m, b), mbuf.data());
+      decode_block<VB>(v, vfast, start, len, load_scale(v, b), vbuf.data());
       adamw_update(p + start, g + start, mbuf.data(), vbuf.data(), len, beta1, beta2, eps, decay, step_size,
                    sqrt_bc2);
       const float ms_new = store_scale(m, b, block_absmax(mbuf.data(), len));
       const float vs_new = store_scale(v, b, block_absmax(vbuf.data(), len));
-      encode_block<MB>(m, mbuf.data(), tmp.data(), start, len, ms_new);
-      encode_block<VB>(v, vbuf.data(), tmp.data(), start, len, vs_new);
+      encode_block<MB>(m, mfast, mbuf.data(), tmp.data(), start, len, ms_new);
+      encode_block<VB>(v, vfast, vbuf.data(), tmp.data(), start, len, vs_new);
     }
   });
 }
@@ -481,20 +119,21 @@ void adamw_factored_rows(float* p, const float* g, StateView m, float* row, floa
     std::vector<float> mbuf(C), vbuf(C);
     std::vector<int32_t> tmp(block);
     StateView local = m;
+    const FastState fast(local);
     for (int64_t c = c0; c < c1; ++c) {
       double* cp = colpart.data() + c * C;
       const int64_t i1 = std::min(R, (c + 1) * chunk);
       for (int64_t i = c * chunk; i < i1; ++i) {
         const int64_t first_block = i * per_row;
         for (int64_t k = 0; k < per_row; ++k)
-          decode_block<MB>(local, (first_block + k) * block, block, load_scale(local, first_block + k), mbuf.data() + k * block);
+          decode_block<MB>(local, fast, (first_block + k) * block, block, load_scale(local, first_block + k), mbuf.data() + k * block);
         const float ri = rscaled[i];
         for (int64_t j = 0; j < C; ++j) vbuf[j] = ri * col[j];
         adamw_update(p + i * C, g + i * C, mbuf.data(), vbuf.data(), C, beta1, beta2, eps, decay, step_size, sqrt_bc2);
         for (int64_t k = 0; k < per_row; ++k) {
           const int64_t b = first_block + k;
           const float sc = store_scale(local, b, block_absmax(mbuf.data() + k * block, block));
-          encode_block<MB>(local, mbuf.data() + k * block, tmp.data(), b * block, block, sc);
+          encode_block<MB>(local, fast, mbuf.data() + k * block, tmp.data(), b * block, block, sc);
         }
         double rs = 0.0;
         for (int64_t j = 0; j < C; ++j) {
@@ -558,12 +197,13 @@ void quantize_into(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, s
   at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
     std::vector<int32_t> tmp(block_size);
     StateView local = s;
+    const FastState fast(local);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block_size;
       const int64_t len = std::min(block_size, n - start);
       const float scale = store_scale(local, b, block_absmax(xp + start, len));
-      if (bits == 8) encode_block<8>(local, xp + start, tmp.data(), start, len, scale);
-      else encode_block<4>(local, xp + start, tmp.data(), start, len, scale);
+      if (bits == 8) encode_block<8>(local, fast, xp + start, tmp.data(), start, len, scale);
+      else encode_block<4>(local, fast, xp + start, tmp.data(), start, len, scale);
     }
   });
 }
@@ -586,14 +226,19 @@ void dequantize_into(torch::Tensor codes, torch::Tensor scales, torch::Tensor le
   s.codes = codes.data_ptr<uint8_t>();
   s.scales = scales.data_ptr();
   s.scale_bf16 = scales.dtype() == torch::kBFloat16;
+  s.map = MapView{};  // a decode-only view: levels, no bucket tables or midpoints
   s.map.levels = levels.data_ptr<float>();
+  s.map.num_levels = static_cast<int>(levels.numel());
+  s.map.form = kTable;
+  s.stochastic = false;
   float* op = out.data_ptr<float>();
   at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
+    const FastState fast(s);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block_size;
       const int64_t len = std::min(block_size, n - start);
-      if (bits == 8) decode_block<8>(s, start, len, load_scale(s, b), op + start);
-      else decode_block<4>(s, start, len, load_scale(s, b), op + start);
+      if (bits == 8) decode_block<8>(s, fast, start, len, load_scale(s, b), op + start);
+      else decode_block<4>(s, fast, start, len, load_scale(s, b), op + start);
     }
   });
 }
@@ -619,7 +264,20 @@ bool any_nonfinite_f32(torch::Tensor t) {
   return false;
 }
 
+// How the kernel finds the levels of a map (0: tables; 1: the sqrt_nozero formula; 2: the signed sqrt formula).
+int64_t map_form(torch::Tensor levels, bool is_signed) {
+  TORCH_CHECK(levels.dtype() == torch::kFloat32 && levels.is_contiguous() && levels.numel() >= 2,
+              "levels must be contiguous fp32");
+  MapView m{};
+  m.levels = levels.data_ptr<float>();
+  m.num_levels = static_cast<int>(levels.numel());
+  m.is_signed = is_signed;
+  detect_form(m);
+  return m.form;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("map_form", &map_form, "0 = table map, 1 / 2 = closed-form map the kernel computes (CPU)");
   mod.def("adamw_quantized_step", &adamw_quantized_step, "fused block-quantized AdamW step (CPU)");
   mod.def("any_nonfinite_f32", &any_nonfinite_f32, "NaN/Inf check on the bit pattern (CPU)");
   mod.def("adamw_quantized_factored_step", &adamw_quantized_factored_step,

@@ -305,3 +305,42 @@ class FusedAdamBatch:
                mc.block_size, hp0.lr, hp0.beta1, hp0.beta2, hp0.eps, hp0.weight_decay,
                [h.step_size for h in hps], [h.bias_correction2_sqrt for h in hps], **weight)  # fmt: skip
         self._queued = {}
+
+
+# Adafactor's factored step: one entry for every first-moment kind it covers (None: no first moment)
+ADAFACTOR_ENTRY = "adafactor_factored_step"
+ADAFACTOR_M_KINDS = (None, "quantized", "dense_float32")
+_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def adafactor_kernel_applies(p, g, mc) -> bool:
+    """Whether the fused Adafactor step covers ``p``: a plain contiguous fp32 matrix, a float gradient of its
+    shape, and no first moment (``mc`` None), a block-quantized one or a dense fp32 one."""
+    return (type(p.data) is torch.Tensor and p.dtype == torch.float32 and p.dim() == 2 and p.is_contiguous()
+            and g.dtype in _GRAD_DTYPES and g.shape == p.shape and not sharded.is_dtensor(g)
+            and (None if mc is None else mc.kernel_kind) in ADAFACTOR_M_KINDS)  # fmt: skip
+
+
+def fused_adafactor_step(p, g, state: dict, vc, mc, hp, portable: bool = False) -> bool:
+    """Step ``p`` (Adafactor, factored second moment ``vc``, first moment ``mc`` or None) with the fused kernel
+    of ``p``'s device when its provider has one (Triton on CUDA); else, when ``portable``, with the same
+    arithmetic in torch/NumPy (``adafactor_order``: the same bits, on any device). False (nothing changed)
+    when neither applies. ``hp``: ``adafactor_order.AdafactorScalars``."""
+    if not adafactor_kernel_applies(p, g, mc):
+        return False
+    fn = getattr(_kernels_for(p.device.type), ADAFACTOR_ENTRY, None)
+    row, col, v_eps = vc.kernel_operands(state, "exp_avg_sq")
+    if fn is not None:
+        m = {}
+        if mc is not None and mc.kernel_kind == "quantized":
+            m["m_quantized"] = (*mc.kernel_operands(state, "exp_avg"), mc.block_size)
+        elif mc is not None:
+            (m["m_dense"],) = mc.kernel_operands(state, "exp_avg")
+        fn(p, g, row, col, v_eps, hp, **m)
+        return True
+    if not portable:
+        return False
+    from . import adafactor_order
+
+    adafactor_order.adafactor_factored_step(p, g, row, col, v_eps, hp, mc, state)
+    return True

@@ -321,12 +321,13 @@ def adamw_quantized_multi_step(params, grads, m_codes, m_scales, m_tables, m_geo
 
 @lru_cache(maxsize=2)
 def _namespace(interpret: bool):
-    from . import triton_factored, triton_quant, triton_rules
+    from . import triton_adafactor, triton_factored, triton_quant, triton_rules
 
     entries = dict(
         adamw_quantized_step=adamw_quantized_step,
         adamw_quantized_multi_step=adamw_quantized_multi_step,
         adamw_quantized_factored_step=triton_factored.adamw_quantized_factored_step,
+        adafactor_factored_step=triton_adafactor.adafactor_factored_step,
         quantize_into=triton_quant.quantize_into,
         dequantize_into=triton_quant.dequantize_into,
         any_nonfinite_f32=triton_quant.any_nonfinite_f32,

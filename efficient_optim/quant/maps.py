@@ -20,7 +20,7 @@ from functools import cache
 
 import torch
 
-MAP_NAMES = ("dynamic", "dynamic_nozero", "linear", "linear_nozero", "sqrt_nozero", "softsign", "learned")
+MAP_NAMES = ("dynamic", "dynamic_nozero", "linear", "linear_nozero", "sqrt", "sqrt_nozero", "softsign", "learned")
 
 # The bucket table spans |u| in [2**-exp_range, 1] (smaller values share the bottom bucket). Each map
 # gets the smallest exponent window and mantissa width that keep one level per bucket, so the int32
@@ -280,6 +280,21 @@ def _sqrt_nozero_levels(bits: int, signed: bool) -> list[float]:
     return [math.copysign(p * p, p) for p in _linear_nozero_levels(bits, signed)]
 
 
+def _sqrt_levels(bits: int, signed: bool) -> list[float]:
+    """Levels evenly spaced in sqrt(|u|), with an exact zero: u = sign(j) * (j / h)**2 for j = -h..h,
+    h = 2**(bits - 1) - 1 (signed; 255 levels at 8 bits), or j = 0..2**bits - 1 over h = 2**bits - 1 (unsigned).
+
+    Computed in fp32 as ``(j * |j|) * c`` with ``c = 1 / h**2`` rounded to fp32 (clamped to [-1, 1]): the
+    fused CPU kernel recomputes exactly these values, so it encodes and decodes this map with arithmetic
+    instead of table reads (``kernels/cpu_maps.h``). Fine steps near zero (the smallest magnitude is 1/h**2,
+    6.2e-5 at 8 bits) and coarse ones near the block maximum, like the ``sqrt_nozero`` map of the second moment.
+    """
+    h = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    j = torch.arange(-h if signed else 0, h + 1, dtype=torch.float32)
+    c = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(h * h), dtype=torch.float32)
+    return ((j * j.abs()) * c).clamp(-1.0, 1.0).tolist()
+
+
 def _softsign_levels(bits: int, signed: bool) -> list[float]:
     """Companded levels: linear in y = 2u / (1 + |u|), so small magnitudes get finer steps.
 
@@ -295,6 +310,7 @@ _BUILDERS = {
     "linear": _linear_levels,
     "linear_nozero": _linear_nozero_levels,
     "sqrt_nozero": _sqrt_nozero_levels,
+    "sqrt": _sqrt_levels,
     "softsign": _softsign_levels,
 }
 
@@ -304,8 +320,8 @@ def get_map(name: str, bits: int, signed: bool) -> QuantMap:
     """The shared built-in map ``name`` at ``bits`` bits (one object per configuration, cached).
 
     Args:
-        name: ``dynamic``, ``dynamic_nozero``, ``linear``, ``linear_nozero``, ``sqrt_nozero`` or ``softsign``. ``learned`` maps are fitted
-            to data with ``learned_map`` instead.
+        name: ``dynamic``, ``dynamic_nozero``, ``linear``, ``linear_nozero``, ``sqrt``, ``sqrt_nozero`` or
+            ``softsign``. ``learned`` maps are fitted to data with ``learned_map`` instead.
         bits: 4 or 8.
         signed: True for states that change sign (momentum), False for non-negative ones (variance).
     """

@@ -1,0 +1,216 @@
+// AVX-512 encoders and decoders of one block, 16 values at a time, without table gathers where the map
+// allows it (cpu_maps.h):
+//   - closed-form maps (kSqrtUnsigned, kSquareSigned): the level index comes from an approximate square root
+//     (rsqrt14, relative error < 2^-14), then one exact comparison on each side against levels / midpoints the
+//     kernel computes bit for bit as the table holds them, so the code is the table path's code;
+//   - maps of at most 16 levels (every 4-bit map): levels and midpoints held in one register each, a 4-step
+//     binary search with in-register permutes;
+//   - 8-bit table maps (dynamic, ...): left to the scalar decoder and the AVX2 table encoder (cpu_codec.h).
+// Each function handles whole groups of 16 and returns how many values it handled; the caller finishes the tail
+// with the scalar table path. Nearest = number of midpoints <= u (ties round up); stochastic = floor index,
+// then up with probability (u - lo) / (hi - lo), the draw from the element's flat index (same hash).
+#pragma once
+
+#include "cpu_maps.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define EFFOPT_HAVE_AVX512 1
+#include <immintrin.h>
+
+namespace {
+
+struct Consts512 {
+  __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi32(1);
+  __m512 fzero = _mm512_setzero_ps(), half_f = _mm512_set1_ps(0.5f);
+  __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+};
+
+inline __m512i fmix32_512(__m512i h) {
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int32_t>(0x85EBCA6Bu)));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int32_t>(0xC2B2AE35u)));
+  return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+}
+
+// Uniform draws in [0, 1) of elements first .. first + 15 (the scalar path's hash and scaling).
+inline __m512 draws512(uint32_t first, uint32_t salt, const Consts512& k) {
+  const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(first)), k.lane);
+  const __m512i h = fmix32_512(_mm512_add_epi32(_mm512_mullo_epi32(idx, _mm512_set1_epi32(static_cast<int32_t>(kGolden))),
+                                                _mm512_set1_epi32(static_cast<int32_t>(salt))));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(1.0f / 16777216.0f));
+}
+
+// x * inv clamped to the map's range, -0.0 made +0.0 (the scalar path's u; x is finite).
+inline __m512 normalized512(const float* x, __m512 inv, __m512 lo, __m512 hi, const Consts512& k) {
+  __m512 u = _mm512_mul_ps(_mm512_loadu_ps(x), inv);
+  u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, lo, _CMP_LT_OQ), u, lo);
+  u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, hi, _CMP_GT_OQ), u, hi);
+  return _mm512_add_ps(u, k.fzero);
+}
+
+inline __m512i clamp512(__m512i v, __m512i lo, __m512i hi) { return _mm512_min_epi32(_mm512_max_epi32(v, lo), hi); }
+
+// The level of index k, computed as cpu_maps.h's sqrt_level / square_level compute it.
+inline __m512 level512(const MapView& m, __m512i k) {
+  if (m.form == kSqrtUnsigned) {
+    const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(k, _mm512_set1_epi32(1))), _mm512_set1_ps(m.coef));
+    return _mm512_mul_ps(t, t);
+  }
+  const __m512 jf = _mm512_cvtepi32_ps(_mm512_sub_epi32(k, _mm512_set1_epi32(m.half)));
+  const __m512 l = _mm512_mul_ps(_mm512_mul_ps(jf, _mm512_abs_ps(jf)), _mm512_set1_ps(m.coef));
+  return _mm512_min_ps(_mm512_max_ps(l, _mm512_set1_ps(-1.0f)), _mm512_set1_ps(1.0f));
+}
+
+// Approximate (signed) square-root coordinate of u: n * sqrt(u) (unsigned) or h * sign(u) * sqrt(|u|) (signed).
+inline __m512 root_coordinate512(const MapView& m, __m512 u) {
+  const __m512 a = _mm512_max_ps(_mm512_abs_ps(u), _mm512_set1_ps(1e-30f));  // no rsqrt of 0 or a denormal
+  const __m512 s = _mm512_mul_ps(_mm512_mul_ps(a, _mm512_rsqrt14_ps(a)), _mm512_set1_ps(static_cast<float>(m.half)));
+  if (m.form == kSqrtUnsigned) return s;
+  return _mm512_mask_sub_ps(s, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), s);
+}
+
+// Codes of 16 values of a closed-form map.
+template <bool STOCHASTIC>
+inline __m512i encode_closed512(const MapView& m, __m512 u, uint32_t first, uint32_t salt, const Consts512& k) {
+  const bool sq = m.form == kSqrtUnsigned;
+  const __m512i last = _mm512_set1_epi32(m.num_levels - 1);
+  const __m512i offset = _mm512_set1_epi32(sq ? -1 : m.half);  // index = coordinate - 1 (sqrt) or + h (signed)
+  const __m512 s = root_coordinate512(m, u);
+  if (!STOCHASTIC) {
+    const __m512i c = clamp512(_mm512_add_epi32(_mm512_cvtps_epi32(s), offset), k.zero, last);
+    const __m512 lm = level512(m, _mm512_sub_epi32(c, k.one)), l0 = level512(m, c), lp = level512(m, _mm512_add_epi32(c, k.one));
+    const __m512 mid_lo = _mm512_mul_ps(_mm512_add_ps(lm, l0), k.half_f), mid_hi = _mm512_mul_ps(_mm512_add_ps(l0, lp), k.half_f);
+    const __mmask16 down = _mm512_cmpgt_epi32_mask(c, k.zero) & _mm512_cmp_ps_mask(u, mid_lo, _CMP_LT_OQ);
+    const __mmask16 up = _mm512_cmplt_epi32_mask(c, last) & _mm512_cmp_ps_mask(mid_hi, u, _CMP_LE_OQ);
+    return _mm512_mask_add_epi32(_mm512_mask_sub_epi32(c, down, c, k.one), up, c, k.one);
+  }
+  const __m512 fl = _mm512_roundscale_ps(s, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512i c = clamp512(_mm512_add_epi32(_mm512_cvttps_epi32(fl), offset), k.zero, last);
+  const __mmask16 down = _mm512_cmpgt_epi32_mask(c, k.zero) & _mm512_cmp_ps_mask(u, level512(m, c), _CMP_LT_OQ);
+  const __mmask16 up = _mm512_cmplt_epi32_mask(c, last) &
+                       _mm512_cmp_ps_mask(level512(m, _mm512_add_epi32(c, k.one)), u, _CMP_LE_OQ);
+  c = _mm512_mask_add_epi32(_mm512_mask_sub_epi32(c, down, c, k.one), up, c, k.one);
+  const __m512i hi = _mm512_min_epi32(_mm512_add_epi32(c, k.one), last);
+  const __m512 l_lo = level512(m, c), l_hi = level512(m, hi);
+  const __m512 r = draws512(first, salt, k);
+  const __mmask16 go_up = _mm512_cmp_ps_mask(_mm512_mul_ps(r, _mm512_sub_ps(l_hi, l_lo)), _mm512_sub_ps(u, l_lo), _CMP_LT_OQ);
+  return _mm512_mask_blend_epi32(go_up, c, hi);
+}
+
+// A map of at most 16 levels in registers: its levels (padded with the last), and the search arrays of the
+// two roundings (midpoints for nearest, levels for the floor index), padded with +inf (a decode-only view
+// has no midpoints).
+struct Small512 {
+  __m512 levels, search;
+  explicit Small512(const MapView& m, bool stochastic) {
+    alignas(64) float lev[16], key[16];
+    const int n = m.num_levels;
+    const float inf = std::numeric_limits<float>::infinity();
+    for (int j = 0; j < 16; ++j) {
+      lev[j] = m.levels[j < n ? j : n - 1];
+      key[j] = j < n ? (stochastic ? m.levels[j] : (j < n - 1 && m.mids ? m.mids[j] : inf)) : inf;
+    }
+    levels = _mm512_load_ps(lev);
+    search = _mm512_load_ps(key);
+  }
+};
+
+// Number of entries of the sorted 16-entry register `search` that are <= u (binary search, 4 permutes).
+inline __m512i count_le512(__m512 search, __m512 u) {
+  __m512i idx = _mm512_setzero_si512();
+  for (int step = 8; step >= 1; step >>= 1) {
+    const __m512i probe = _mm512_add_epi32(idx, _mm512_set1_epi32(step - 1));
+    const __mmask16 le = _mm512_cmp_ps_mask(_mm512_permutexvar_ps(probe, search), u, _CMP_LE_OQ);
+    idx = _mm512_mask_add_epi32(idx, le, idx, _mm512_set1_epi32(step));
+  }
+  return idx;
+}
+
+template <bool STOCHASTIC>
+inline __m512i encode_small512(const MapView& m, const Small512& t, __m512 u, uint32_t first, uint32_t salt,
+                               const Consts512& k) {
+  const __m512i cnt = count_le512(t.search, u);
+  if (!STOCHASTIC) return cnt;
+  const __m512i last = _mm512_set1_epi32(m.num_levels - 1);
+  const __m512i lo = _mm512_max_epi32(_mm512_sub_epi32(cnt, k.one), k.zero);
+  const __m512i hi = _mm512_min_epi32(_mm512_add_epi32(lo, k.one), last);
+  const __m512 l_lo = _mm512_permutexvar_ps(lo, t.levels), l_hi = _mm512_permutexvar_ps(hi, t.levels);
+  const __m512 r = draws512(first, salt, k);
+  const __mmask16 go_up = _mm512_cmp_ps_mask(_mm512_mul_ps(r, _mm512_sub_ps(l_hi, l_lo)), _mm512_sub_ps(u, l_lo), _CMP_LT_OQ);
+  return _mm512_mask_blend_epi32(go_up, lo, hi);
+}
+
+// Store 16 codes: 16 bytes (8-bit) or 8 bytes of two nibbles each, the even element in the low nibble (4-bit).
+template <int BITS>
+inline void store_codes512(uint8_t* dst, __m512i codes) {
+  if (BITS == 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(codes));
+  } else {
+    const __m512i pairs = _mm512_or_si512(codes, _mm512_srli_epi64(codes, 28));  // even | odd << 4, per 64 bits
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi64_epi8(_mm512_and_si512(pairs, _mm512_set1_epi64(0xFF))));
+  }
+}
+
+// What the block functions of one state reuse: constants and the map's registers (built once per thread).
+struct State512 {
+  Consts512 k;
+  Small512 table;
+  explicit State512(const StateView& s) : table(s.map, s.stochastic) {}
+};
+
+// Encode x[0 .. len) of the block starting at element `start` straight into the codes; returns how many
+// values it encoded (a multiple of 16), 0 for an 8-bit table map (the AVX2 table path takes those).
+template <int BITS, bool STOCHASTIC>
+int64_t encode_block512(StateView& s, const State512& st, const float* __restrict x, int64_t start, int64_t len,
+                        float scale) {
+  const MapView& m = s.map;
+  const bool small = m.num_levels <= 16;
+  if (m.form == kTable && !small) return 0;
+  const Consts512& k = st.k;
+  const Small512& table = st.table;
+  const __m512 inv = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+  const __m512 lo = _mm512_set1_ps(m.lo), hi = _mm512_set1_ps(m.hi);
+  uint8_t* codes = s.codes + (BITS == 8 ? start : start >> 1);
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512 u = normalized512(x + i, inv, lo, hi, k);
+    const uint32_t first = static_cast<uint32_t>(start + i);
+    const __m512i c = small ? encode_small512<STOCHASTIC>(m, table, u, first, s.salt, k)
+                            : encode_closed512<STOCHASTIC>(m, u, first, s.salt, k);
+    store_codes512<BITS>(codes + (BITS == 8 ? i : i >> 1), c);
+  }
+  return i;
+}
+
+// Decode 16 values at a time of the block starting at element `start`; returns how many it decoded.
+template <int BITS>
+int64_t decode_block512(const StateView& s, const State512& st, int64_t start, int64_t len, float scale,
+                        float* __restrict out) {
+  const MapView& m = s.map;
+  const __m512 vscale = _mm512_set1_ps(scale);
+  int64_t i = 0;
+  if (BITS == 4) {
+    const __m512 table = st.table.levels;
+    const uint8_t* codes = s.codes + (start >> 1);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (; i + 16 <= len; i += 16) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (i >> 1)));
+      const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(b, low4), _mm_and_si128(_mm_srli_epi16(b, 4), low4));
+      const __m512 l = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib), table);
+      _mm512_storeu_ps(out + i, _mm512_mul_ps(l, vscale));
+    }
+    return i;
+  }
+  if (m.form == kTable) return 0;  // a 256-entry table: scalar loads beat a gather on this core
+  const uint8_t* codes = s.codes + start;
+  for (; i + 16 <= len; i += 16) {
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+    const __m512 l = level512(m, idx);
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(l, vscale));
+  }
+  return i;
+}
+
+}  // namespace
+#endif
