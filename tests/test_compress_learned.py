@@ -44,11 +44,20 @@ from efficient_optim.compress.train_policy import (
 TINY_EPISODE = EpisodeConfig(steps=12, every=4, widths=(32,), depths=(1,))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Episodes are tiny: one torch thread is faster on a busy machine (and what the training command uses)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def features(layers=4, missing=False):
     out = {}
     for k in range(layers):
         out[k] = {"norm": 0.1 * (k + 1), "norm_std": 0.01, "cos_mg": 0.5, "curvature": -3.0, "progress": 0.25,
-                  "depth": k / (layers - 1), "numel": 1000 * (k + 1), "ndim": 2, "lr": 1e-3}  # fmt: skip
+                  "depth": k / (layers - 1), "numel": 1000 * (k + 1), "ndim": 2, "lr": 1e-3, "budget_room": 0.5}  # fmt: skip
     if missing:
         out[0].update(norm=float("nan"), cos_mg=None, curvature=float("inf"))
         del out[1]["lr"]

@@ -48,6 +48,7 @@ ENCODED_FEATURES = (
     "log_numel",  # log10(size) / 8
     "ndim",  # min(ndim, 4) / 4
     "log_lr",  # (log10 lr + 3) / 2, clipped to [-2, 2]
+    "budget_room",  # (budget - cheapest M) / (most precise M - cheapest M), clipped to [0, 1.5] (budget_room())
 )
 INPUT_SIZE = 2 * len(ENCODED_FEATURES)
 
@@ -76,8 +77,8 @@ def encode_features(features: dict[int, dict]) -> torch.Tensor:
 
     Args:
         features: ``Controller.features()``: position -> {``norm``, ``norm_std``, ``cos_mg``, ``curvature``,
-            ``progress``, ``depth``, ``numel``, ``ndim``, ``lr``}; absent, None or non-finite values count as
-            missing (value 0, flag 1), so a controller without some feature still works.
+            ``progress``, ``depth``, ``numel``, ``ndim``, ``lr``, ``budget_room``}; absent, None or non-finite
+            values count as missing (value 0, flag 1), so a controller without some feature still works.
     """
     if not features:
         raise ValueError("encode_features needs the features of at least one layer")
@@ -103,9 +104,33 @@ def encode_features(features: dict[int, dict]) -> torch.Tensor:
             None if numel is None or numel < 1 else math.log10(numel) / 8,
             None if ndim is None else min(ndim, 4) / 4,
             None if _log10(lr) is None else _clip((_log10(lr) + 3) / 2, -2, 2),
+            None if _number(f.get("budget_room")) is None else _clip(_number(f.get("budget_room")), 0, 1.5),
         ]
         rows.append([0.0 if v is None else v for v in values] + [float(v is None) for v in values])
     return torch.tensor(rows, dtype=torch.float32)
+
+
+def budget_room(controller: Controller) -> float | None:
+    """Where ``controller``'s budget lies between the cheapest menu choices (0) and the most precise ones (1):
+    ``(limit - M_cheapest) / (M_precise - M_cheapest)``; None without a budget. Sizes are fixed for a run, so
+    they are computed once per controller."""
+    budget = getattr(controller, "budget", None)
+    if budget is None:
+        return None
+    cached = getattr(controller, "_budget_sizes", None)
+    if cached is None or cached[0] is not budget:
+        precise = {k: choice_from_indices(len(GRAD_BITS) - 1, len(KEEP_FRACTIONS) - 1, len(MOMENTUM_SPECS) - 1)
+                   for k in range(len(controller.params))}  # fmt: skip
+        cached = (budget, budget.minimum_bytes(controller), budget.training_bytes(precise, controller))
+        controller._budget_sizes = cached
+    _, cheapest, most = cached
+    return (budget.limit(controller) - cheapest) / max(1, most - cheapest)
+
+
+def decision_input(controller: Controller, features: dict[int, dict]) -> torch.Tensor:
+    """The network's input for ``controller``'s decision: its ``features`` with its ``budget_room``, encoded."""
+    room = budget_room(controller)
+    return encode_features({k: {**f, "budget_room": room} for k, f in features.items()})
 
 
 class PolicyNetwork(nn.Module):
@@ -255,7 +280,7 @@ class LearnedController(Controller):
 
     def decide(self, features, step):
         keys = sorted(features)
-        x = encode_features(features)
+        x = decision_input(self, features)
         actions, log_prob, value = self.network.act(x, self.deterministic, self.generator)
         if self.record:
             self.trace.append({"step": step, "obs": x, "actions": actions, "log_prob": float(log_prob),

@@ -5,8 +5,9 @@ An episode (``run_episode``) trains a small character-level MLP language model o
 micro-batches each. Gradients are accumulated compressed (``GradAccumulator`` with ``ErrorFeedback``); the
 optimizer is ``efficient_optim.AdamW`` built with ``policy=ControllerPolicy()``; a controller (any kind, built
 by the caller's factory) decides every ``every`` steps. The model's width and depth, the learning rate and its
-schedule (cosine, or a step drop at two thirds) and the data offset are drawn from the episode's seed, so a
-policy sees varied layers and regimes. Each episode is deterministic given its seed and runs in a few seconds
+schedule (cosine, or a step drop at two thirds), the data offset and the training-memory budget (a
+``TrainingBudget``, the controller's hard limit, enforced by projection) are drawn from the episode's seed,
+so a policy sees varied layers, regimes and budgets. Each episode is deterministic given its seed and runs in a few seconds
 on one core.
 
 Reward of decision k (applied from its step until the next decision):
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .accumulate import GradAccumulator
+from .budget import TrainingBudget
 from .controller import Controller, ControllerPolicy
 from .feedback import ErrorFeedback
 from .quantize import Quantize
@@ -71,6 +73,9 @@ class EpisodeConfig:
         depths: numbers of hidden layers an episode draws from (default (1, 2, 3)).
         lrs: peak learning rates an episode draws from (default (1e-3, 3e-3)).
         text_chars: characters of the corpus used (default 200_000).
+        budgets: training-memory budgets (``TrainingBudget(bytes_per_param=)``, the controller's M: parameters,
+            gradient buffers and residuals, momentum) an episode draws from (default (6.5, 8.0, 10.0); fp32
+            everything is about 13, the cheapest menu choices about 5.7); empty: no budget.
         reward: the reward's weights (default ``RewardWeights()``).
         controller_kwargs: extra keyword arguments for every controller (e.g. a budget; default none).
     """
@@ -84,6 +89,7 @@ class EpisodeConfig:
     depths: tuple = (1, 2, 3)
     lrs: tuple = (1e-3, 3e-3)
     text_chars: int = 200_000
+    budgets: tuple = (6.5, 8.0, 10.0)
     reward: RewardWeights = field(default_factory=RewardWeights)
     controller_kwargs: dict = field(default_factory=dict)
 
@@ -187,9 +193,10 @@ def _episode_setup(seed: int, config: EpisodeConfig):
     tokens, vocab = corpus_tokens(config.text_chars)
     width, depth, lr = pick(config.widths), pick(config.depths), pick(config.lrs)
     schedule = pick(("cosine", "step"))
+    budget = pick(config.budgets) if config.budgets else None
     torch.manual_seed(seed)
     model = TinyCharLM(vocab, config.context, width, depth)
-    info = {"seed": seed, "width": width, "depth": depth, "lr": lr, "schedule": schedule,
+    info = {"seed": seed, "width": width, "depth": depth, "lr": lr, "schedule": schedule, "budget_bytes_per_param": budget,
             "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
     return model, tokens, rng, info
 
@@ -204,7 +211,8 @@ def run_episode(make_controller, seed: int, config: EpisodeConfig | None = None)
     """Train one tiny model under the controller ``make_controller`` builds; its decisions and rewards.
 
     Args:
-        make_controller: ``(params, gradients=, optimizer=, every=, **config.controller_kwargs) -> Controller``
+        make_controller: ``(params, gradients=, optimizer=, every=, budget=, **config.controller_kwargs) ->
+            Controller`` (``budget`` only when the episode draws one)
             (e.g. ``lambda params, **kw: LearnedController(params, policy=net, **kw)``).
         seed: draws the model, schedule and data (and seeds the model's initialization).
         config: the episode's settings (default ``EpisodeConfig()``).
@@ -225,8 +233,10 @@ def _run(make_controller, seed, config):
     train, held_out = tokens[:split], tokens[split:]
     params = list(model.parameters())
     opt = _adamw(params, info["lr"])
-    ctl = make_controller(params, gradients=ErrorFeedback(Quantize(8)), optimizer=opt, every=config.every,
-                          **config.controller_kwargs)  # fmt: skip
+    kwargs = dict(config.controller_kwargs)
+    if info["budget_bytes_per_param"] is not None:
+        kwargs["budget"] = TrainingBudget(bytes_per_param=info["budget_bytes_per_param"])
+    ctl = make_controller(params, gradients=ErrorFeedback(Quantize(8)), optimizer=opt, every=config.every, **kwargs)
     last_grads: dict = {}
 
     def observe(key, grad):

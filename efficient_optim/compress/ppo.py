@@ -7,8 +7,12 @@ over layers and heads, and each decision is one step of an episode (``policy_env
 Behaviour cloning (``behaviour_cloning``): cross-entropy of each head against an expert's choices (labels
 ``[layers, 3]``; -100 marks a choice the expert did not make, ignored), full-batch Adam steps.
 
-PPO (``ppo_update``; Schulman et al. 2017): advantages by GAE over an episode's decisions (``gae``; gamma and
-lambda below), normalized over the batch; the clipped surrogate objective
+PPO (``ppo_update``; Schulman et al. 2017): advantages either relative to a group (``group_advantages``,
+the default: several episodes sampled on the same environment seed, so the same model, schedule, budget and
+batches, differ only by the policy's actions; each decision's discounted return-to-go minus the group's mean
+at that decision, as RLOO / GRPO do: the loss level, which no action changes much, cancels exactly) or by GAE
+over an episode's decisions with the value head as baseline (``gae``), normalized over the batch; the clipped
+surrogate objective
 ``-min(rho A, clip(rho, 1 - eps, 1 + eps) A)`` with ``rho = exp(log pi(a|s) - log pi_old(a|s))``, a value head
 fitted to the returns with a Huber loss, and an entropy bonus; ``epochs`` passes over the batch in shuffled
 minibatches drawn from a seeded generator, gradients clipped. With the same samples, weights, optimizer state
@@ -32,6 +36,7 @@ class PPOConfig:
     """PPO's settings.
 
     Args:
+        advantage: ``"group"`` (return-to-go minus the group's mean; default) or ``"gae"`` (value baseline).
         clip: the ratio's clip range epsilon (default 0.2).
         gamma: discount per decision (default 0.95).
         gae_lambda: GAE's lambda (default 0.9).
@@ -43,6 +48,7 @@ class PPOConfig:
         max_grad_norm: gradient clipping (default 0.5).
     """
 
+    advantage: str = "group"
     clip: float = 0.2
     gamma: float = 0.95
     gae_lambda: float = 0.9
@@ -53,8 +59,31 @@ class PPOConfig:
     entropy_coef: float = 0.01
     max_grad_norm: float = 0.5
 
+    def __post_init__(self):
+        if self.advantage not in ("group", "gae"):
+            raise ValueError(f"advantage must be 'group' or 'gae', got {self.advantage!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def returns_to_go(rewards: list[float], gamma: float) -> list[float]:
+    """The discounted sum of each decision's reward and those after it."""
+    out, running = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        running = rewards[t] + gamma * running
+        out[t] = running
+    return out
+
+
+def group_advantages(group: list[list[float]], gamma: float) -> tuple[list[list[float]], list[list[float]]]:
+    """Per episode of a group (episodes on the same environment seed, the same number of decisions), each
+    decision's return-to-go minus the group's mean return-to-go at that decision; and the returns-to-go."""
+    returns = [returns_to_go(r, gamma) for r in group]
+    if len({len(r) for r in returns}) > 1:
+        raise ValueError(f"group_advantages: the episodes have different numbers of decisions {[len(r) for r in returns]}")
+    means = [sum(column) / len(column) for column in zip(*returns)]
+    return [[g - m for g, m in zip(r, means)] for r in returns], returns
 
 
 def gae(rewards: list[float], values: list[float], gamma: float, lam: float) -> tuple[list[float], list[float]]:
@@ -128,7 +157,7 @@ def behaviour_cloning(net: PolicyNetwork, samples, epochs: int = 200, lr: float 
         optimizer.step()
         losses.append(float(loss.detach()))
         if progress is not None and epoch % 20 == 0:
-            progress(epoch, float(loss))
+            progress(epoch, float(loss.detach()))
     return losses
 
 

@@ -32,10 +32,19 @@ from pathlib import Path
 import torch
 
 from .controller import AccordionController
-from .learned import LearnedController, PolicyNetwork, encode_features, round_weights, save_policy
+from .learned import LearnedController, PolicyNetwork, decision_input, round_weights, save_policy
 from .menu import indices_of
 from .policy_env import EpisodeConfig, run_episode
-from .ppo import IGNORE, PPOConfig, behaviour_cloning, gae, imitation_accuracy, imitation_loss, ppo_update
+from .ppo import (
+    IGNORE,
+    PPOConfig,
+    behaviour_cloning,
+    gae,
+    group_advantages,
+    imitation_accuracy,
+    imitation_loss,
+    ppo_update,
+)
 
 CHECKPOINT_VERSION = 1
 EVAL_SEED_BASE = 900_000  # held-out episode seeds, the same for every training seed
@@ -50,7 +59,8 @@ class TrainConfig:
         bc_episodes: expert episodes for behaviour cloning (default 24).
         bc_epochs: behaviour cloning's full-batch steps (default 300).
         ppo_iterations: PPO iterations (default 20).
-        episodes_per_iteration: episodes sampled per PPO iteration (default 4).
+        episodes_per_iteration: episodes sampled per PPO iteration (default 8).
+        samples_per_seed: episodes sampled on each environment seed, a group (default 4; ``ppo`` module doc).
         eval_episodes: held-out episodes each evaluation runs (default 6).
         hidden: the LSTM's hidden size (default 16).
         expert: the controller kind cloned (default ``"planner"``; ``"rules"``: Accordion).
@@ -62,12 +72,20 @@ class TrainConfig:
     bc_episodes: int = 24
     bc_epochs: int = 300
     ppo_iterations: int = 20
-    episodes_per_iteration: int = 4
+    episodes_per_iteration: int = 8
+    samples_per_seed: int = 4
     eval_episodes: int = 6
     hidden: int = 16
     expert: str = "planner"
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    def __post_init__(self):
+        for name in ("bc_episodes", "bc_epochs", "ppo_iterations", "episodes_per_iteration", "samples_per_seed",
+                     "eval_episodes", "hidden"):  # fmt: skip
+            value, low = getattr(self, name), 0 if name == "ppo_iterations" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -78,7 +96,8 @@ class TrainConfig:
 def quick_config(**overrides) -> TrainConfig:
     """A seconds-long configuration (for tests and ``--quick``): 3 expert episodes, 2 PPO iterations, short
     episodes."""
-    base = TrainConfig(bc_episodes=3, bc_epochs=30, ppo_iterations=2, episodes_per_iteration=2, eval_episodes=2,
+    base = TrainConfig(bc_episodes=3, bc_epochs=30, ppo_iterations=2, episodes_per_iteration=2, samples_per_seed=2,
+                       eval_episodes=2,
                        episode=EpisodeConfig(steps=16, every=4, widths=(48,), depths=(1,)))  # fmt: skip
     return replace(base, **overrides)
 
@@ -119,7 +138,7 @@ def collect_expert(make_expert, seeds, episode: EpisodeConfig) -> tuple[list[lis
             decide = ctl.decide
 
             def recorded(features, step):
-                samples.append([encode_features(features), None])
+                samples.append([decision_input(ctl, features), None])
                 return decide(features, step)
 
             ctl.decide = recorded
@@ -159,16 +178,25 @@ def learned_factory(net: PolicyNetwork, deterministic: bool = True, seed: int = 
 
 
 def ppo_batch(net: PolicyNetwork, config: TrainConfig, iteration: int) -> tuple[list[dict], list[float]]:
-    """The decisions of one iteration's sampled episodes with their advantages; and the episodes' returns."""
+    """The decisions of one iteration's sampled episodes with their advantages; and the episodes' returns.
+
+    The episodes come in groups of ``samples_per_seed`` on one environment seed each (the policy's sampling
+    seed differs); ``config.ppo.advantage`` says how advantages are formed (``ppo`` module doc)."""
     batch, returns = [], []
-    for e in range(config.episodes_per_iteration):
-        seed = 100_000 * config.seed + 10_000 + 100 * iteration + e
-        result = run_episode(learned_factory(net, False, seed, record=True), seed, config.episode)
-        trace = result["controller"].trace
-        values = [t["value"] for t in trace]
-        adv, ret = gae(result["rewards"], values, config.ppo.gamma, config.ppo.gae_lambda)
-        batch += [{**t, "advantage": a, "return": r} for t, a, r in zip(trace, adv, ret)]
-        returns.append(result["return"])
+    for e in range(0, config.episodes_per_iteration, config.samples_per_seed):
+        env_seed = 100_000 * config.seed + 10_000 + 100 * iteration + e
+        size = min(config.samples_per_seed, config.episodes_per_iteration - e)
+        results = [run_episode(learned_factory(net, False, env_seed + 50_000 * (i + 1), record=True), env_seed,
+                               config.episode) for i in range(size)]  # fmt: skip
+        if config.ppo.advantage == "group":
+            advs, rets = group_advantages([r["rewards"] for r in results], config.ppo.gamma)
+        else:
+            pairs = [gae(r["rewards"], [t["value"] for t in r["controller"].trace], config.ppo.gamma,
+                         config.ppo.gae_lambda) for r in results]  # fmt: skip
+            advs, rets = [p[0] for p in pairs], [p[1] for p in pairs]
+        for result, adv, ret in zip(results, advs, rets):
+            batch += [{**t, "advantage": a, "return": r} for t, a, r in zip(result["controller"].trace, adv, ret)]
+            returns.append(result["return"])
     return batch, returns
 
 
@@ -289,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seeds the network, the episodes and PPO (default 0)")
     ap.add_argument("--bc-episodes", type=int, default=None, help="expert episodes for behaviour cloning (default 24; quick 3)")
     ap.add_argument("--ppo-iterations", type=int, default=None, help="PPO iterations (default 20; quick 2)")
-    ap.add_argument("--episodes-per-iteration", type=int, default=None, help="episodes per PPO iteration (default 4; quick 2)")
+    ap.add_argument("--episodes-per-iteration", type=int, default=None, help="episodes per PPO iteration (default 8; quick 2)")
     ap.add_argument("--expert", choices=("planner", "rules"), default="planner", help="the controller cloned (default planner)")
     ap.add_argument("--quick", action="store_true", help="a seconds-long run with short episodes (a smoke test)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out, if there is one")
@@ -306,6 +334,8 @@ def config_from_args(args) -> TrainConfig:
             if value < (0 if name == "ppo_iterations" else 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'ppo_iterations' else 1}, got {value}")
             changes[name] = value
+    if "episodes_per_iteration" in changes:
+        changes["samples_per_seed"] = min(config.samples_per_seed, changes["episodes_per_iteration"])
     return replace(config, **changes)
 
 
