@@ -27,7 +27,7 @@ from efficient_optim.optim.sgd import sgd_momentum_update_  # noqa: E402
 from efficient_optim.quant import dequantize_blockwise, get_map, quantize_blockwise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["triton_common", "triton_quant", "triton_adamw", "triton_rules", "triton_factored"]
+MODULES = ["triton_common", "triton_quant", "triton_adamw", "triton_rules", "triton_factored", "triton_adafactor"]
 GOLDEN = 0x9E3779B9
 F = np.float32
 

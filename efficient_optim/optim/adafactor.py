@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from ..kernels.adafactor_order import AdafactorScalars
+from ..kernels.dispatch import fused_adafactor_step
 from ..policy.specs import BITS_NAME
 from ..quant.rounding import ROUNDING_MODES, mix_salt
 from ..state.factored import Factored
@@ -46,6 +48,12 @@ class Adafactor(CodecOptimizer):
         warmup_init: relative step ``min(1e-6 * step, 1/sqrt(step))`` (default False).
         m_bits: storage of the first moment when ``beta1`` is set: 32 (default), 16, 8 or 4.
         rounding, min_quantize_numel, seed, nonfinite, correction_bits, weight_rounding, policy: as in ``Lion``.
+        fused: the fused step of a 2-D parameter (factored second moment; no first moment, a quantized or an
+            fp32 one). None (default): the device's kernel where its provider has one (Triton on CUDA), the
+            reference path elsewhere (the CPU). True: that kernel's arithmetic everywhere
+            (``kernels.adafactor_order``: the CPU computes the same bits as the GPU kernel, so checkpoints
+            move between them exactly). False: always the reference path. The kernel's arithmetic fixes the
+            order of every sum; it equals the reference path to float rounding, not bit for bit.
     """
 
     STATE_PREFIX = {"exp_avg": "m", "exp_avg_sq": "v"}
@@ -54,7 +62,8 @@ class Adafactor(CodecOptimizer):
                  decay_rate: float = -0.8, beta1: float | None = None, weight_decay: float = 0.0,
                  scale_parameter: bool = True, relative_step: bool = True, warmup_init: bool = False, *,
                  m_bits: int = 32, rounding: str = "nearest", min_quantize_numel: int = 4096, seed: int = 0,
-                 nonfinite: str = "skip", maximize: bool = False, correction_bits: int | None = None, weight_rounding: str = "auto", policy=None):  # fmt: skip
+                 nonfinite: str = "skip", maximize: bool = False, correction_bits: int | None = None, weight_rounding: str = "auto", policy=None,
+                 fused: bool | None = None):  # fmt: skip
         if lr is not None and relative_step:
             raise ValueError("Adafactor: cannot combine a manual lr with relative_step=True (set relative_step=False)")
         if warmup_init and not relative_step:
@@ -64,7 +73,7 @@ class Adafactor(CodecOptimizer):
                         weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
                         warmup_init=warmup_init, m_bits=m_bits, rounding=rounding,
                         min_quantize_numel=min_quantize_numel, seed=seed, nonfinite=nonfinite, maximize=maximize,
-                        correction_bits=correction_bits, weight_rounding=weight_rounding)  # fmt: skip
+                        correction_bits=correction_bits, weight_rounding=weight_rounding, fused=fused)  # fmt: skip
         super().__init__(params, defaults, policy)
 
     def validate_group(self, group):
@@ -85,6 +94,8 @@ class Adafactor(CodecOptimizer):
         check_choice("rounding", group["rounding"], ROUNDING_MODES)
         check_int("min_quantize_numel", group["min_quantize_numel"], 0)
         check_int("seed", group["seed"], 0)
+        if group.get("fused") not in (None, True, False):
+            raise ValueError(f"invalid fused: {group['fused']!r} (None, True or False)")
         self.resolve_spec("exp_avg", BITS_NAME[group["m_bits"]], None, group)
 
     def default_specs(self, param, group):
@@ -101,11 +112,16 @@ class Adafactor(CodecOptimizer):
     @staticmethod
     def step_size(group: dict, param: torch.Tensor, step: int) -> float:
         """The step's learning rate: ``lr`` or the relative step, times the parameter scale if asked."""
-        rel = group["lr"]
-        if group["relative_step"]:
-            rel = min(1e-6 * step if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(step))
+        rel = Adafactor.relative_step(group, step)
         scale = max(group["eps"][1], _rms(param)) if group["scale_parameter"] else 1.0
         return scale * rel
+
+    @staticmethod
+    def relative_step(group: dict, step: int) -> float:
+        """The step size before the parameter scale: ``lr``, or the relative step of ``step``."""
+        if group["relative_step"]:
+            return min(1e-6 * step if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(step))
+        return group["lr"]
 
     def update(self, work):
         generic = []
@@ -142,6 +158,8 @@ class Adafactor(CodecOptimizer):
         reconstruction the update divides by, and what encoding the projected moment stores), without the
         three dense passes. Equal to the generic path to float rounding (tests/test_rules.py)."""
         codecs, state, step, p32, g32 = begin_param_step(self, group, index, p, g)
+        if p32 is p and group.get("fused") is not False and self._fused_step(group, index, p, g, codecs, state, step):
+            return
         lr = self.step_size(group, p32, step)
         beta2t = 1.0 - step ** group["decay_rate"]
         row, col, _ = codecs["exp_avg_sq"].kernel_operands(state, "exp_avg_sq")
@@ -170,3 +188,14 @@ class Adafactor(CodecOptimizer):
         p32.sub_(u)
         if p32 is not p:
             p.copy_(p32)
+
+    def _fused_step(self, group: dict, index: int, p, g, codecs: dict, state: dict, step: int) -> bool:
+        """The fused factored step (``kernels.dispatch.fused_adafactor_step``); False when none applies."""
+        beta2t = 1.0 - step ** group["decay_rate"]
+        hp = AdafactorScalars(rel=self.relative_step(group, step), eps1=group["eps"][0], eps2=group["eps"][1],
+                              clip_threshold=group["clip_threshold"], beta2t=beta2t,
+                              beta1=group["beta1"] if "exp_avg" in codecs else None,
+                              weight_decay=group["weight_decay"], scale_parameter=group["scale_parameter"],
+                              m_salt=mix_salt(group.get("seed", 0), index, 0, step))  # fmt: skip
+        return fused_adafactor_step(p, g, state, codecs["exp_avg_sq"], codecs.get("exp_avg"), hp,
+                                    portable=group.get("fused") is True)  # fmt: skip
