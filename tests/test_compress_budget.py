@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import efficient_optim as eo
@@ -13,6 +13,7 @@ from efficient_optim.compress import (
     ControllerPolicy,
     ErrorFeedback,
     GradAccumulator,
+    GradientCompressor,
     LayerChoice,
     NoFeedback,
     Quantize,
@@ -87,7 +88,7 @@ choice_strategy = st.builds(LayerChoice, st.sampled_from(GRAD_SPECS + ("rand10%"
                             st.sampled_from(MOMENTUM_SPECS + (None,)))  # fmt: skip
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sizes=st.lists(st.integers(1, 20000), min_size=1, max_size=5), feedback=st.booleans(),
        with_optimizer=st.booleans(), data=st.data())  # fmt: skip
 def test_projected_choices_never_exceed_the_budget(sizes, feedback, with_optimizer, data):
@@ -99,8 +100,15 @@ def test_projected_choices_never_exceed_the_budget(sizes, feedback, with_optimiz
     sensitivity = data.draw(st.none() | st.fixed_dictionaries({k: st.floats(0, 1) for k in range(len(sizes))}))
     unlimited = TrainingBudget(bytes=10**12)
     floor, asked = unlimited.minimum_bytes(ctl, choices), unlimited.training_bytes(choices, ctl)
-    limit = data.draw(st.integers(max(1, floor - 100), asked + 100))
+    case = data.draw(st.sampled_from(["infeasible", "projected", "within"]))
+    if case == "infeasible":
+        limit = data.draw(st.integers(1, floor - 1))
+    elif case == "projected" and asked > floor:
+        limit = data.draw(st.integers(floor, asked - 1))
+    else:
+        limit = data.draw(st.integers(asked, asked + 1000))
     budget = TrainingBudget(bytes=limit)
+    event("infeasible" if floor > limit else "within" if asked <= limit else "projected")
     if floor > limit:
         with pytest.raises(ValueError, match="cannot hold"):
             budget.project(choices, ctl, sensitivity)
@@ -131,3 +139,24 @@ def test_a_controller_with_a_budget_never_exceeds_it():
         ctl.step(step)
     assert all(h["training_bytes"] <= budget.limit(ctl) for h in ctl.history)
     assert ctl.current[0] != precise[0]  # the largest layers were lowered
+
+
+class KeepsItsOwnState(GradientCompressor):
+    """A compressor whose per-layer state the budget cannot size."""
+
+    def compressor_for(self, key):
+        return Quantize(8)
+
+    def _compress(self, key, flat, salt):
+        return Quantize(8).compress(flat, salt=salt)
+
+
+def test_a_compressor_the_budget_cannot_size_is_named_and_loss_is_checked():
+    params = [torch.nn.Parameter(torch.zeros(100))]
+    ctl = StaticController(params, LayerChoice("q4"), gradients=KeepsItsOwnState())
+    ctl.step(0, loss=torch.tensor(2.0))  # a one-element tensor is a loss too
+    assert ctl.history[0]["training_bytes"] is None and ctl.tracker.last_loss == 2.0  # not sized, no error
+    with pytest.raises(ValueError, match="cannot size the state of KeepsItsOwnState"):
+        StaticController(params, {}, gradients=KeepsItsOwnState(), budget=TrainingBudget(bytes=10**6))
+    with pytest.raises(ValueError, match="loss must be a number"):
+        ctl.step(1, loss="low")

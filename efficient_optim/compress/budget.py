@@ -44,6 +44,11 @@ from .menu import GRAD_BITS, GRAD_SPECS, KEEP_FRACTIONS, MOMENTUM_SPECS, grad_sp
 from .specs import parse_compressor
 
 
+def accountable(gradients) -> bool:
+    """Whether the per-layer state of ``gradients`` (a ``GradientCompressor`` or None) can be sized exactly."""
+    return gradients is None or isinstance(gradients, (ErrorFeedback, DGC, NoFeedback))
+
+
 def feedback_bytes(gradients, numel: int) -> int:
     """Bytes a ``GradientCompressor`` keeps for one tensor of ``numel`` elements between calls."""
     if isinstance(gradients, ErrorFeedback):

@@ -44,7 +44,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from ..policy import Policy
-from .budget import TrainingBudget
+from .budget import TrainingBudget, accountable
 from .choice import LayerChoice
 from .features import FeatureTracker, decoded_momentum
 from .feedback import GradientCompressor, as_gradient_compressor
@@ -176,15 +176,21 @@ class Controller(ABC):
         Args:
             step: the step just taken (0-based).
             total_steps: the run's length (default None: ``progress`` is None).
-            loss: this step's training loss (a float; default None: no curvature feature).
+            loss: this step's training loss (a float or a one-element tensor; default None: no curvature).
         """
+        if loss is not None:
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                loss = float(loss.detach())
+            if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+                raise ValueError(f"loss must be a number (this step's training loss) or None, got {loss!r}")
         self.next_step = step + 1
         if step % self.every:
             return None
         features = self.features(step, total_steps, loss)
         choices = self.apply(self.decide(features, step))
         self.tracker.mark(loss)
-        record = {"step": step, "lr": self.learning_rate(), "training_bytes": self.training_bytes(),
+        sized = self.budget is not None or accountable(self.gradients)  # a custom compressor's state: unknown
+        record = {"step": step, "lr": self.learning_rate(), "training_bytes": self.training_bytes() if sized else None,
                   "choices": {k: [c.grad, c.momentum] for k, c in sorted(choices.items())}}  # fmt: skip
         self.history.append(record)
         return choices
