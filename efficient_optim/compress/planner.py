@@ -26,9 +26,10 @@ What the planner observes matters: ``GradAccumulator`` hands its observer the gr
 layer's compressed buffer, C(x), on which the current spec (and any coarser one on the same grid) would
 measure no error at all. With ``observes_compressed=True`` (default) and an ``ErrorFeedback``, the planner
 measures on C(x) + e instead, where e is the residual the compression just left: x itself, to within the
-residual's own rounding (8 bits by default). Without error feedback x is lost and the errors of the current
-spec are understated; with raw gradients (e.g. observed before gradient release compresses them) pass
-``observes_compressed=False``.
+residual's own rounding (8 bits by default). A raw gradient g observed before an ``ErrorFeedback`` compresses
+it (a loop that round-trips ``p.grad`` in place) becomes g + e, which is exactly what that compressor is about
+to receive, so the default is right there too. Without error feedback x is lost and the errors of the current
+spec are understated; ``observes_compressed=False`` measures the observed gradient as it is.
 
 A layer with no gradient observed before a decision has no measurement: all its candidates count as error
 0, so it gets its cheapest option. Error feedback returns what a compressor loses at later steps; the planner
