@@ -65,14 +65,14 @@ CANDIDATES = {
 }
 CANDIDATES["flash_adamw"] = (lambda p: eo.create_optimizer("flash_adamw", p, lr=1e-3), 16)
 DEFAULT = "adamw_fused,adamw_foreach,qadamw8,qadamw4,bnb_adamw8bit,torchao_adamw8bit,torchao_adamw4bit"
-CUDA_DEFAULT = DEFAULT + ",hybrid_adam,flash_adamw"
+CUDA_DEFAULT = DEFAULT + ",hybrid_adam,adafactor,flash_adamw"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to step (default cpu)")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {list(CANDIDATES)} (default: "
-                    f"{DEFAULT} on the CPU; on CUDA also hybrid_adam,flash_adamw)")  # fmt: skip
+                    f"{DEFAULT} on the CPU; on CUDA also hybrid_adam,adafactor,flash_adamw)")  # fmt: skip
     ap.add_argument("--layers", type=int, default=12, help="CPU: GPT-2-like layers of width 768 (12 -> ~85M params)")
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"CUDA: comma-separated models of {list(SIZES)} "
                     "(default all)")  # fmt: skip
