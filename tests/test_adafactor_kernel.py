@@ -181,6 +181,15 @@ def test_fixed_order_arithmetic_is_the_reference_to_float_rounding(name):
         assert (a - b).abs().max().item() <= 1e-5 * moved + ulps, (a - b).abs().max().item() / moved
 
 
+def test_an_empty_matrix_takes_the_reference_path():
+    for fused in (True, False):
+        empty, q = torch.nn.Parameter(torch.zeros(0, 5)), torch.nn.Parameter(torch.ones(3, 4))
+        opt = eo.Adafactor([empty, q], fused=fused)
+        empty.grad, q.grad = torch.zeros_like(empty), torch.full((3, 4), 0.5)
+        opt.step()
+        assert empty.shape == (0, 5) and torch.isfinite(q).all() and not torch.equal(q, torch.ones(3, 4))
+
+
 def test_bf16_weights_through_a_master_take_the_kernel_on_the_master():
     got, _ = _run(lambda ps: eo.Adafactor(ps, correction_bits=16, fused=True), dtype=torch.bfloat16)
     ref, _ = _run(lambda ps: eo.Adafactor(ps, correction_bits=16, fused=False), dtype=torch.bfloat16)

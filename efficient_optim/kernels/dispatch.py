@@ -314,10 +314,10 @@ _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def adafactor_kernel_applies(p, g, mc) -> bool:
-    """Whether the fused Adafactor step covers ``p``: a plain contiguous fp32 matrix, a float gradient of its
+    """Whether the fused Adafactor step covers ``p``: a plain contiguous non-empty fp32 matrix, a float gradient of its
     shape, and no first moment (``mc`` None), a block-quantized one or a dense fp32 one."""
     return (type(p.data) is torch.Tensor and p.dtype == torch.float32 and p.dim() == 2 and p.is_contiguous()
-            and g.dtype in _GRAD_DTYPES and g.shape == p.shape and not sharded.is_dtensor(g)
+            and p.numel() > 0 and g.dtype in _GRAD_DTYPES and g.shape == p.shape and not sharded.is_dtensor(g)
             and (None if mc is None else mc.kernel_kind) in ADAFACTOR_M_KINDS)  # fmt: skip
 
 
