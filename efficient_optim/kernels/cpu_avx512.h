@@ -41,19 +41,18 @@ inline __m512 draws512(uint32_t first, uint32_t salt, const Consts512& k) {
   return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(1.0f / 16777216.0f));
 }
 
-// x * inv clamped to the map's range, -0.0 made +0.0 (the scalar path's u; x is finite).
-inline __m512 normalized512(const float* x, __m512 inv, __m512 lo, __m512 hi, const Consts512& k) {
-  __m512 u = _mm512_mul_ps(_mm512_loadu_ps(x), inv);
-  u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, lo, _CMP_LT_OQ), u, lo);
-  u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, hi, _CMP_GT_OQ), u, hi);
-  return _mm512_add_ps(u, k.fzero);
+// x * inv clamped to the map's range (the scalar path's u; x is finite, so min/max clamp alike). A -0.0 may stay:
+// every comparison below treats it as +0.0, and the closed forms test the sign with u < 0.
+inline __m512 normalized512(const float* x, __m512 inv, __m512 lo, __m512 hi) {
+  return _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x), inv), lo), hi);
 }
 
 inline __m512i clamp512(__m512i v, __m512i lo, __m512i hi) { return _mm512_min_epi32(_mm512_max_epi32(v, lo), hi); }
 
 // The level of index k, computed as cpu_maps.h's sqrt_level / square_level compute it.
+template <int FORM>
 inline __m512 level512(const MapView& m, __m512i k) {
-  if (m.form == kSqrtUnsigned) {
+  if (FORM == kSqrtUnsigned) {
     const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(k, _mm512_set1_epi32(1))), _mm512_set1_ps(m.coef));
     return _mm512_mul_ps(t, t);
   }
@@ -62,40 +61,74 @@ inline __m512 level512(const MapView& m, __m512i k) {
   return _mm512_min_ps(_mm512_max_ps(l, _mm512_set1_ps(-1.0f)), _mm512_set1_ps(1.0f));
 }
 
-// Approximate (signed) square-root coordinate of u: n * sqrt(u) (unsigned) or h * sign(u) * sqrt(|u|) (signed).
-inline __m512 root_coordinate512(const MapView& m, __m512 u) {
-  const __m512 a = _mm512_max_ps(_mm512_abs_ps(u), _mm512_set1_ps(1e-30f));  // no rsqrt of 0 or a denormal
-  const __m512 s = _mm512_mul_ps(_mm512_mul_ps(a, _mm512_rsqrt14_ps(a)), _mm512_set1_ps(static_cast<float>(m.half)));
-  if (m.form == kSqrtUnsigned) return s;
-  return _mm512_mask_sub_ps(s, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), s);
+// Levels are evenly spaced in the root coordinate r = n sqrt(u) (sqrt_nozero: level j at r = j + 1) or
+// r = h sign(u) sqrt(|u|) (signed sqrt: level k at r = k - h). The kernel takes an approximate r (rsqrt14,
+// relative error < 2^-14) pushed up by 2^-12 of its magnitude, so it is never below the exact r and above it
+// by < 0.1. Then, with levels at integer r:
+//   - floor index: floor(r_up) is the exact floor or one more (one comparison with a level corrects it);
+//   - nearest: each value-domain midpoint lies above the r-domain midpoint (j + 1/2) by at most 0.21 in r
+//     (its square root is the quadratic mean of two neighbouring r), so rounding the magnitude of r_up to
+//     the nearest integer gives the exact nearest index or one more (one comparison with a midpoint).
+// Magnitude of r, pushed up (by `up`) or down (by `down`) by 2^-12 relative.
+inline __m512 root_magnitude512(__m512 a, float scale_r) {
+  const __m512 safe = _mm512_max_ps(a, _mm512_set1_ps(1e-30f));  // no rsqrt of 0 or a denormal
+  return _mm512_mul_ps(_mm512_mul_ps(safe, _mm512_rsqrt14_ps(safe)), _mm512_set1_ps(scale_r));
 }
 
-// Codes of 16 values of a closed-form map.
-template <bool STOCHASTIC>
-inline __m512i encode_closed512(const MapView& m, __m512 u, uint32_t first, uint32_t salt, const Consts512& k) {
-  const bool sq = m.form == kSqrtUnsigned;
-  const __m512i last = _mm512_set1_epi32(m.num_levels - 1);
-  const __m512i offset = _mm512_set1_epi32(sq ? -1 : m.half);  // index = coordinate - 1 (sqrt) or + h (signed)
-  const __m512 s = root_coordinate512(m, u);
-  if (!STOCHASTIC) {
-    const __m512i c = clamp512(_mm512_add_epi32(_mm512_cvtps_epi32(s), offset), k.zero, last);
-    const __m512 lm = level512(m, _mm512_sub_epi32(c, k.one)), l0 = level512(m, c), lp = level512(m, _mm512_add_epi32(c, k.one));
-    const __m512 mid_lo = _mm512_mul_ps(_mm512_add_ps(lm, l0), k.half_f), mid_hi = _mm512_mul_ps(_mm512_add_ps(l0, lp), k.half_f);
-    const __mmask16 down = _mm512_cmpgt_epi32_mask(c, k.zero) & _mm512_cmp_ps_mask(u, mid_lo, _CMP_LT_OQ);
-    const __mmask16 up = _mm512_cmplt_epi32_mask(c, last) & _mm512_cmp_ps_mask(mid_hi, u, _CMP_LE_OQ);
-    return _mm512_mask_add_epi32(_mm512_mask_sub_epi32(c, down, c, k.one), up, c, k.one);
+constexpr float kRootUp = 1.0f + 1.0f / 4096.0f, kRootDown = 1.0f - 1.0f / 4096.0f;
+
+// Nearest codes of 16 values of a closed-form map (u already clamped to the map's range).
+template <int FORM>
+inline __m512i nearest_closed512(const MapView& m, __m512 u, const Consts512& k) {
+  const __m512 a = _mm512_abs_ps(u);
+  const __m512 r = root_magnitude512(a, static_cast<float>(m.half) * kRootUp);
+  const __m512i c0 = _mm512_cvtps_epi32(r);  // nearest integer magnitude, exact or one too many
+  if (FORM == kSqrtUnsigned) {  // index = r - 1
+    const __m512i c = clamp512(_mm512_sub_epi32(c0, k.one), k.zero, _mm512_set1_epi32(m.num_levels - 1));
+    const __m512 mid = _mm512_mul_ps(_mm512_add_ps(level512<FORM>(m, _mm512_sub_epi32(c, k.one)), level512<FORM>(m, c)), k.half_f);
+    const __mmask16 down = _mm512_cmpgt_epi32_mask(c, k.zero) & _mm512_cmp_ps_mask(a, mid, _CMP_LT_OQ);
+    return _mm512_mask_sub_epi32(c, down, c, k.one);
   }
-  const __m512 fl = _mm512_roundscale_ps(s, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512i c = clamp512(_mm512_add_epi32(_mm512_cvttps_epi32(fl), offset), k.zero, last);
-  const __mmask16 down = _mm512_cmpgt_epi32_mask(c, k.zero) & _mm512_cmp_ps_mask(u, level512(m, c), _CMP_LT_OQ);
-  const __mmask16 up = _mm512_cmplt_epi32_mask(c, last) &
-                       _mm512_cmp_ps_mask(level512(m, _mm512_add_epi32(c, k.one)), u, _CMP_LE_OQ);
-  c = _mm512_mask_add_epi32(_mm512_mask_sub_epi32(c, down, c, k.one), up, c, k.one);
-  const __m512i hi = _mm512_min_epi32(_mm512_add_epi32(c, k.one), last);
-  const __m512 l_lo = level512(m, c), l_hi = level512(m, hi);
-  const __m512 r = draws512(first, salt, k);
-  const __mmask16 go_up = _mm512_cmp_ps_mask(_mm512_mul_ps(r, _mm512_sub_ps(l_hi, l_lo)), _mm512_sub_ps(u, l_lo), _CMP_LT_OQ);
-  return _mm512_mask_blend_epi32(go_up, c, hi);
+  // signed: magnitude index j in 0..h, its midpoint with j - 1 from the non-negative levels; a tie rounds up,
+  // i.e. away from zero for u > 0 and toward zero for u < 0 (the mirrored midpoint is <= u)
+  const __m512i h = _mm512_set1_epi32(m.half);
+  const __m512i j = _mm512_min_epi32(c0, h);
+  const __m512i kj = _mm512_add_epi32(j, h);
+  const __m512 mid = _mm512_mul_ps(_mm512_add_ps(level512<FORM>(m, _mm512_sub_epi32(kj, k.one)), level512<FORM>(m, kj)), k.half_f);
+  const __mmask16 neg = _mm512_cmp_ps_mask(u, k.fzero, _CMP_LT_OQ);
+  const __mmask16 below = _mm512_cmp_ps_mask(a, mid, _CMP_LT_OQ) | (neg & _mm512_cmp_ps_mask(a, mid, _CMP_EQ_OQ));
+  const __m512i jj = _mm512_mask_sub_epi32(j, _mm512_cmpgt_epi32_mask(j, k.zero) & below, j, k.one);
+  return _mm512_mask_sub_epi32(_mm512_add_epi32(h, jj), neg, h, jj);
+}
+
+// Stochastic codes of 16 values of a closed-form map: floor index, then up with probability (u - lo) / (hi - lo).
+template <int FORM>
+inline __m512i stochastic_closed512(const MapView& m, __m512 u, uint32_t first, uint32_t salt, const Consts512& k) {
+  const __m512i last = _mm512_set1_epi32(m.num_levels - 1);
+  const __mmask16 neg = _mm512_cmp_ps_mask(u, k.fzero, _CMP_LT_OQ);
+  const __m512 a = _mm512_abs_ps(u);
+  const float hr = static_cast<float>(m.half);
+  // r pushed up in signed terms: magnitude up for u >= 0, down for u < 0
+  __m512 r = _mm512_mask_blend_ps(neg, root_magnitude512(a, hr * kRootUp), root_magnitude512(a, hr * kRootDown));
+  r = _mm512_mask_sub_ps(r, neg, k.fzero, r);
+  const __m512i fl = _mm512_cvttps_epi32(_mm512_roundscale_ps(r, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+  const __m512i c = clamp512(_mm512_add_epi32(fl, _mm512_set1_epi32(FORM == kSqrtUnsigned ? -1 : m.half)), k.zero, last);
+  const __m512 l_below = level512<FORM>(m, _mm512_sub_epi32(c, k.one)), l_c = level512<FORM>(m, c);
+  const __m512 l_above = level512<FORM>(m, _mm512_min_epi32(_mm512_add_epi32(c, k.one), last));
+  const __mmask16 down = _mm512_cmpgt_epi32_mask(c, k.zero) & _mm512_cmp_ps_mask(u, l_c, _CMP_LT_OQ);
+  const __m512i lo = _mm512_mask_sub_epi32(c, down, c, k.one);
+  const __m512i hi = _mm512_min_epi32(_mm512_add_epi32(lo, k.one), last);
+  const __m512 l_lo = _mm512_mask_blend_ps(down, l_c, l_below);
+  const __m512 l_hi = _mm512_mask_blend_ps(down, _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(hi, c), l_above, l_c), l_c);
+  const __m512 draw = draws512(first, salt, k);
+  const __mmask16 go_up = _mm512_cmp_ps_mask(_mm512_mul_ps(draw, _mm512_sub_ps(l_hi, l_lo)), _mm512_sub_ps(u, l_lo), _CMP_LT_OQ);
+  return _mm512_mask_blend_epi32(go_up, lo, hi);
+}
+
+template <int FORM, bool STOCHASTIC>
+inline __m512i encode_closed512(const MapView& m, __m512 u, uint32_t first, uint32_t salt, const Consts512& k) {
+  if (STOCHASTIC) return stochastic_closed512<FORM>(m, u, first, salt, k);
+  return nearest_closed512<FORM>(m, u, k);
 }
 
 // A map of at most 16 levels in registers: its levels (padded with the last), and the search arrays of the
@@ -159,28 +192,41 @@ struct State512 {
   explicit State512(const StateView& s) : table(s.map, s.stochastic) {}
 };
 
+// Encode 16 values at a time with `encode16(u, first element)`: codes stored straight into the state.
+template <int BITS, typename Encode16>
+inline int64_t encode_loop512(StateView& s, const float* __restrict x, int64_t start, int64_t len, float scale,
+                              Encode16 encode16) {
+  const __m512 inv = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+  const __m512 lo = _mm512_set1_ps(s.map.lo), hi = _mm512_set1_ps(s.map.hi);
+  uint8_t* codes = s.codes + (BITS == 8 ? start : start >> 1);
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16)
+    store_codes512<BITS>(codes + (BITS == 8 ? i : i >> 1),
+                         encode16(normalized512(x + i, inv, lo, hi), static_cast<uint32_t>(start + i)));
+  return i;
+}
+
 // Encode x[0 .. len) of the block starting at element `start` straight into the codes; returns how many
 // values it encoded (a multiple of 16), 0 for an 8-bit table map (the AVX2 table path takes those).
 template <int BITS, bool STOCHASTIC>
 int64_t encode_block512(StateView& s, const State512& st, const float* __restrict x, int64_t start, int64_t len,
                         float scale) {
   const MapView& m = s.map;
-  const bool small = m.num_levels <= 16;
-  if (m.form == kTable && !small) return 0;
   const Consts512& k = st.k;
-  const Small512& table = st.table;
-  const __m512 inv = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
-  const __m512 lo = _mm512_set1_ps(m.lo), hi = _mm512_set1_ps(m.hi);
-  uint8_t* codes = s.codes + (BITS == 8 ? start : start >> 1);
-  int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    const __m512 u = normalized512(x + i, inv, lo, hi, k);
-    const uint32_t first = static_cast<uint32_t>(start + i);
-    const __m512i c = small ? encode_small512<STOCHASTIC>(m, table, u, first, s.salt, k)
-                            : encode_closed512<STOCHASTIC>(m, u, first, s.salt, k);
-    store_codes512<BITS>(codes + (BITS == 8 ? i : i >> 1), c);
-  }
-  return i;
+  const uint32_t salt = s.salt;
+  if (m.num_levels <= 16)
+    return encode_loop512<BITS>(s, x, start, len, scale, [&](__m512 u, uint32_t first) {
+      return encode_small512<STOCHASTIC>(m, st.table, u, first, salt, k);
+    });
+  if (m.form == kSqrtUnsigned)
+    return encode_loop512<BITS>(s, x, start, len, scale, [&](__m512 u, uint32_t first) {
+      return encode_closed512<kSqrtUnsigned, STOCHASTIC>(m, u, first, salt, k);
+    });
+  if (m.form == kSquareSigned)
+    return encode_loop512<BITS>(s, x, start, len, scale, [&](__m512 u, uint32_t first) {
+      return encode_closed512<kSquareSigned, STOCHASTIC>(m, u, first, salt, k);
+    });
+  return 0;
 }
 
 // Decode 16 values at a time of the block starting at element `start`; returns how many it decoded.
@@ -206,7 +252,7 @@ int64_t decode_block512(const StateView& s, const State512& st, int64_t start, i
   const uint8_t* codes = s.codes + start;
   for (; i + 16 <= len; i += 16) {
     const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
-    const __m512 l = level512(m, idx);
+    const __m512 l = m.form == kSqrtUnsigned ? level512<kSqrtUnsigned>(m, idx) : level512<kSquareSigned>(m, idx);
     _mm512_storeu_ps(out + i, _mm512_mul_ps(l, vscale));
   }
   return i;
