@@ -1,7 +1,7 @@
 """Adafactor's factored step in Triton, with every reduction in a fixed order (``adafactor_order``).
 
 ``adafactor_factored_step`` updates an (R, C) fp32 matrix, its row and column means of the second moment, and
-an optional first moment (block-quantized or dense fp32) in six launches, none of which waits for the host:
+an optional first moment (block-quantized or dense fp32) in six launches, no result read back to the host:
 
 1. ``_stats_kernel`` over tiles of ``ROWS`` x ``COLS``: ``sq = g*g + eps1``; per tile the row sums, the column
    sums and (to scale the step by the parameter's RMS) the sum of ``p*p``, each a pairwise tree;
