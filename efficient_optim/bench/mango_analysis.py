@@ -77,9 +77,12 @@ def _kinds(records: list[dict], field: str) -> str:
     return ", ".join(f"{kind} {c.most_common(1)[0][0]}" for kind, c in counts.items())
 
 
-def _schedule_words(lr0, lr1, peak) -> str:
+def _schedule_words(lr0, lr1, peak, top: tuple[int, float] | None = None) -> str:
+    """The learning rate over a phase in words; ``top``: ``(step, lr)`` of the phase's highest learning rate."""
     if lr0 is None or lr1 is None:
         return ""
+    if top is not None and top[1] > 1.05 * max(lr0, lr1):
+        return f"the learning rate rises {lr0:.1e} -> {top[1]:.1e} (warm-up, to step {top[0]}), then decays to {lr1:.1e}"
     if lr1 > lr0 * 1.05:
         return f"the learning rate rises {lr0:.1e} -> {lr1:.1e} (warm-up)"
     if lr1 < lr0 * 0.95:
@@ -104,6 +107,8 @@ def phases(lines: list[dict], trains: list[dict], total_steps: int) -> list[dict
                     "grad_bits": sum(g) / len(g) if g else None, "momentum_bits": sum(m) / len(m) if m else None,
                     "grad": _kinds(seg, "grad"), "momentum": _kinds(seg, "momentum"),
                     "lr": (_at(series, start + 1, "lr"), _at(series, end, "lr")),
+                    "lr_top": max(((r["step"], r["lr"]) for r in series if start < r["step"] <= end and r.get("lr") is not None),
+                                  key=lambda x: x[1], default=None),
                     "loss": (_at(series, start + 1, "train_loss"), _at(series, end, "train_loss"))})  # fmt: skip
     return out
 
@@ -122,7 +127,7 @@ def phase_sentences(lines: list[dict], trains: list[dict], total_steps: int) -> 
         if p["momentum_bits"] is not None:
             words.append(f"momentum {p['momentum_bits']:.1f} bits ({p['momentum']})")
         text = f"{parts[0]}: " + ", ".join(words) if words else parts[0] + ": no choices recorded"
-        sched = _schedule_words(*p["lr"], peak)
+        sched = _schedule_words(*p["lr"], peak, p["lr_top"])
         loss0, loss1 = p["loss"]
         tail = [s for s in (sched, f"training loss {loss0:.2f} -> {loss1:.2f}" if loss0 is not None and loss1 is not None else "") if s]
         decisions = f" ({p['decisions']} decision{'s' if p['decisions'] != 1 else ''})"

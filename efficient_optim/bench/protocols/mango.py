@@ -257,7 +257,8 @@ def _reduction(groups: dict[str, Group], ref: Group, label: str, words: str) -> 
         n, red, d = min(rows, key=lambda r: r[2] if r[2] is not None else 1e9)
         return Verdict(crit, words, f"none within 1 %; closest {WORDS[n]}: {red:.0%} less, drop {d:+.2%}", NOT_MET)
     n, red, d = max(fine, key=lambda r: r[1])
-    level = "strong (>= 50 %)" if red >= STRONG else "in the target range" if red >= TARGET else "below the target"
+    level = ("strong (>= 50 %)" if red >= STRONG else "above the 20-30 % target, below strong (50 %)" if red > 0.3
+             else "in the 20-30 % target range" if red >= TARGET else "below the 20 % target")  # fmt: skip
     others = ", ".join(f"{WORDS[x]} {r:.0%} ({dd:+.2%})" for x, r, dd in sorted(fine, key=lambda r: -r[1])[1:4])
     return Verdict(crit, words, f"{WORDS[n]}: {red:.0%} less training memory ({memory(groups[n]):,.0f} vs {base:,.0f} B), "
                    f"{what} drop {d:+.2%}", MET if red >= TARGET else NOT_MET,
