@@ -161,11 +161,11 @@ def draw_phases(lines: list[dict], trains: list[dict], total_steps: int, title: 
     axes[2].plot([r["step"] for r in series], [r["lr"] for r in series], color="black", linewidth=1.2, label="lr")
     axes[2].set_ylabel("lr", fontsize=8)
     loss_ax = axes[2].twinx()
-    losses = [r for r in series if r.get("train_loss") is not None]
+    losses = [r for r in trains if r.get("train_loss") is not None] or [r for r in series if r.get("train_loss") is not None]
     loss_ax.plot([r["step"] for r in losses], [r["train_loss"] for r in losses], color="#D55E00", linewidth=1.0)
     loss_ax.set_ylabel("train loss", fontsize=8, color="#D55E00")
     axes[2].set_xlabel("step")
-    bar = fig.colorbar(mesh, ax=list(axes[:2]), ticks=[0.25, 0.5, 1, 2, 4, 8, 16, 32], fraction=0.03)
+    bar = fig.colorbar(mesh, ax=list(axes), ticks=[0.25, 0.5, 1, 2, 4, 8, 16, 32], fraction=0.03)
     bar.ax.set_yticklabels(["0.25", "0.5", "1", "2", "4", "8", "16", "32"])
     bar.set_label("bits per element", fontsize=8)
     return fig
