@@ -34,6 +34,41 @@ inline void adamw_update(float* __restrict p, const float* __restrict g, float* 
   }
 }
 
+// Largest |x| of x[0 .. len) as a bit pattern (block_absmax's integer max), combined with `best`.
+inline uint32_t absmax_bits(const float* __restrict x, int64_t len, uint32_t best) {
+  const float a = block_absmax(x, len);
+  const uint32_t b = float_to_bits(a);
+  return b > best ? b : best;
+}
+
+// One block: decode both moments, update the parameter, then re-encode both moments at their new scales.
+// The AVX-512 pass (cpu_avx512.h) takes the multiple-of-16 part when both maps allow it; the rest (or all of
+// the block) takes the portable loops; both compute the same values.
+template <int MB, int VB>
+void adamw_block(float* p, const float* g, StateView& m, const FastState& mf, StateView& v, const FastState& vf,
+                 int64_t b, int64_t start, int64_t len, float beta1, float beta2, float eps, float decay,
+                 float step_size, float sqrt_bc2, float* mbuf, float* vbuf, int32_t* tmp) {
+  const float ms = load_scale(m, b), vs = load_scale(v, b);
+  int64_t done = 0;
+  uint32_t mmax = 0, vmax = 0;
+#if defined(EFFOPT_HAVE_AVX512)
+  const AdamScalars a{beta1, beta2, eps, decay, step_size, 1.0f / sqrt_bc2, 1.0f - beta1, 1.0f - beta2};
+  done = adamw_block512<MB, VB>(p + start, g + start, m, mf, v, vf, start, len, ms, vs, a, mbuf, vbuf, &mmax, &vmax);
+#endif
+  if (done < len) {
+    decode_block<MB>(m, mf, start + done, len - done, ms, mbuf + done);
+    decode_block<VB>(v, vf, start + done, len - done, vs, vbuf + done);
+    adamw_update(p + start + done, g + start + done, mbuf + done, vbuf + done, len - done, beta1, beta2, eps, decay,
+                 step_size, sqrt_bc2);
+    mmax = absmax_bits(mbuf + done, len - done, mmax);
+    vmax = absmax_bits(vbuf + done, len - done, vmax);
+  }
+  const float ms_new = store_scale(m, b, bits_to_float(mmax));
+  const float vs_new = store_scale(v, b, bits_to_float(vmax));
+  encode_block<MB>(m, mf, mbuf, tmp, start, len, ms_new);
+  encode_block<VB>(v, vf, vbuf, tmp, start, len, vs_new);
+}
+
 template <int MB, int VB>
 void adamw_blocks(float* p, const float* g, StateView m, StateView v, int64_t n, int64_t block,
                   float lr, float beta1, float beta2, float eps, float weight_decay, float step_size,
@@ -43,18 +78,12 @@ void adamw_blocks(float* p, const float* g, StateView m, StateView v, int64_t n,
   at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
     std::vector<float> mbuf(block), vbuf(block);
     std::vector<int32_t> tmp(block);
-    const FastState mfast(m), vfast(v);
+    StateView ml = m, vl = v;
+    const FastState mfast(ml), vfast(vl);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block;
-      const int64_t len = std::min(block, n - start);
-      decode_block<MB>(m, mfast, start, len, load_scale(m, b), mbuf.data());
-      decode_block<VB>(v, vfast, start, len, load_scale(v, b), vbuf.data());
-      adamw_update(p + start, g + start, mbuf.data(), vbuf.data(), len, beta1, beta2, eps, decay, step_size,
-                   sqrt_bc2);
-      const float ms_new = store_scale(m, b, block_absmax(mbuf.data(), len));
-      const float vs_new = store_scale(v, b, block_absmax(vbuf.data(), len));
-      encode_block<MB>(m, mfast, mbuf.data(), tmp.data(), start, len, ms_new);
-      encode_block<VB>(v, vfast, vbuf.data(), tmp.data(), start, len, vs_new);
+      adamw_block<MB, VB>(p, g, ml, mfast, vl, vfast, b, start, std::min(block, n - start), beta1, beta2, eps, decay,
+                          step_size, sqrt_bc2, mbuf.data(), vbuf.data(), tmp.data());
     }
   });
 }

@@ -258,5 +258,89 @@ int64_t decode_block512(const StateView& s, const State512& st, int64_t start, i
   return i;
 }
 
+
+// ------------------------------------------------------------------ the AdamW block: decode, update, maxima
+// Decoders of 16 values at block offset i (codes of the block, levels times the block scale).
+struct Decode4x16 {
+  const uint8_t* codes;
+  __m512 table, scale;
+  __m512 operator()(int64_t i) const {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (i >> 1)));
+    const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(b, low4), _mm_and_si128(_mm_srli_epi16(b, 4), low4));
+    return _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib), table), scale);
+  }
+};
+
+template <int FORM>
+struct DecodeClosed8x16 {
+  const uint8_t* codes;
+  const MapView* map;
+  __m512 scale;
+  __m512 operator()(int64_t i) const {
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+    return _mm512_mul_ps(level512<FORM>(*map, idx), scale);
+  }
+};
+
+// Whether a state's block can be decoded 16 at a time (4-bit maps, and the 8-bit closed-form maps).
+template <int BITS>
+inline bool decodes512(const StateView& s) { return BITS == 4 || s.map.form != kTable; }
+
+// Calls f with the decoder of the block starting at `start` (decodes512 must hold).
+template <int BITS, typename F>
+inline void with_decoder512(const StateView& s, const State512& st, int64_t start, float scale, F f) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  if (BITS == 4) f(Decode4x16{s.codes + (start >> 1), st.table.levels, vs});
+  else if (s.map.form == kSqrtUnsigned) f(DecodeClosed8x16<kSqrtUnsigned>{s.codes + start, &s.map, vs});
+  else f(DecodeClosed8x16<kSquareSigned>{s.codes + start, &s.map, vs});
+}
+
+struct AdamScalars {
+  float beta1, beta2, eps, decay, step_size, inv_sqrt_bc2, one_minus_b1, one_minus_b2;
+};
+
+// Largest |x| bit pattern seen so far (an integer max on the bits, as block_absmax takes it).
+inline __m512i absmax_bits512(__m512i best, __m512 x) {
+  return _mm512_max_epu32(best, _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)));
+}
+
+// One pass over the first multiple of 16 of a block: decode m and v, the AdamW update of p (the arithmetic of
+// adamw_update, operation for operation), the new m and v into mbuf / vbuf, and their largest magnitudes (bit
+// patterns, maxed into *mmax / *vmax). Returns how many elements it did (0 if a state cannot be decoded here).
+template <int MB, int VB>
+int64_t adamw_block512(float* __restrict p, const float* __restrict g, const StateView& m, const State512& mf,
+                       const StateView& v, const State512& vf, int64_t start, int64_t len, float m_scale,
+                       float v_scale, const AdamScalars& a, float* __restrict mbuf, float* __restrict vbuf,
+                       uint32_t* mmax, uint32_t* vmax) {
+  if (!decodes512<MB>(m) || !decodes512<VB>(v)) return 0;
+  const int64_t whole = len & ~int64_t{15};
+  with_decoder512<MB>(m, mf, start, m_scale, [&](auto decode_m) {
+    with_decoder512<VB>(v, vf, start, v_scale, [&](auto decode_v) {
+      const __m512 b2 = _mm512_set1_ps(a.beta2), eps = _mm512_set1_ps(a.eps), decay = _mm512_set1_ps(a.decay);
+      const __m512 step = _mm512_set1_ps(a.step_size), inv_bc2 = _mm512_set1_ps(a.inv_sqrt_bc2);
+      const __m512 omb1 = _mm512_set1_ps(a.one_minus_b1), omb2 = _mm512_set1_ps(a.one_minus_b2);
+      __m512i mbest = _mm512_setzero_si512(), vbest = _mm512_setzero_si512();
+      for (int64_t i = 0; i < whole; i += 16) {
+        const __m512 gi = _mm512_loadu_ps(g + i), m0 = decode_m(i), v0 = decode_v(i);
+        const __m512 mi = _mm512_add_ps(m0, _mm512_mul_ps(omb1, _mm512_sub_ps(gi, m0)));
+        const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v0, b2), _mm512_mul_ps(omb2, _mm512_mul_ps(gi, gi)));
+        const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), inv_bc2), eps);
+        const __m512 pi = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(p + i), decay),
+                                        _mm512_mul_ps(step, _mm512_div_ps(mi, denom)));
+        _mm512_storeu_ps(p + i, pi);
+        _mm512_storeu_ps(mbuf + i, mi);
+        _mm512_storeu_ps(vbuf + i, vi);
+        mbest = absmax_bits512(mbest, mi);
+        vbest = absmax_bits512(vbest, vi);
+      }
+      const uint32_t mb = _mm512_reduce_max_epu32(mbest), vb = _mm512_reduce_max_epu32(vbest);
+      *mmax = mb > *mmax ? mb : *mmax;
+      *vmax = vb > *vmax ? vb : *vmax;
+    });
+  });
+  return whole;
+}
+
 }  // namespace
 #endif
