@@ -80,24 +80,32 @@ constexpr float kRootUp = 1.0f + 1.0f / 4096.0f, kRootDown = 1.0f - 1.0f / 4096.
 // Nearest codes of 16 values of a closed-form map (u already clamped to the map's range).
 template <int FORM>
 inline __m512i nearest_closed512(const MapView& m, __m512 u, const Consts512& k) {
-  const __m512 a = _mm512_abs_ps(u);
-  const __m512 r = root_magnitude512(a, static_cast<float>(m.half) * kRootUp);
-  const __m512i c0 = _mm512_cvtps_epi32(r);  // nearest integer magnitude, exact or one too many
-  if (FORM == kSqrtUnsigned) {  // index = r - 1
-    const __m512i c = clamp512(_mm512_sub_epi32(c0, k.one), k.zero, _mm512_set1_epi32(m.num_levels - 1));
-    const __m512 mid = _mm512_mul_ps(_mm512_add_ps(level512<FORM>(m, _mm512_sub_epi32(c, k.one)), level512<FORM>(m, c)), k.half_f);
-    const __mmask16 down = _mm512_cmpgt_epi32_mask(c, k.zero) & _mm512_cmp_ps_mask(a, mid, _CMP_LT_OQ);
-    return _mm512_mask_sub_epi32(c, down, c, k.one);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  if (FORM == kSqrtUnsigned) {  // u >= the first level > 0; index = r - 1, in floats (exact small integers)
+    const __m512 r = _mm512_roundscale_ps(root_magnitude512(u, static_cast<float>(m.half) * kRootUp),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 c1 = _mm512_min_ps(_mm512_max_ps(r, one), _mm512_set1_ps(static_cast<float>(m.half)));  // c + 1
+    const __m512 inv = _mm512_set1_ps(m.coef);
+    const __m512 t0 = _mm512_mul_ps(_mm512_sub_ps(c1, one), inv), t1 = _mm512_mul_ps(c1, inv);  // roots of c - 1, c
+    const __m512 mid = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t0, t0), _mm512_mul_ps(t1, t1)), k.half_f);
+    const __mmask16 down = _mm512_cmp_ps_mask(c1, one, _CMP_GT_OQ) & _mm512_cmp_ps_mask(u, mid, _CMP_LT_OQ);
+    return _mm512_cvttps_epi32(_mm512_mask_sub_ps(_mm512_sub_ps(c1, one), down, _mm512_sub_ps(c1, one), one));
   }
   // signed: magnitude index j in 0..h, its midpoint with j - 1 from the non-negative levels; a tie rounds up,
   // i.e. away from zero for u > 0 and toward zero for u < 0 (the mirrored midpoint is <= u)
-  const __m512i h = _mm512_set1_epi32(m.half);
-  const __m512i j = _mm512_min_epi32(c0, h);
-  const __m512i kj = _mm512_add_epi32(j, h);
-  const __m512 mid = _mm512_mul_ps(_mm512_add_ps(level512<FORM>(m, _mm512_sub_epi32(kj, k.one)), level512<FORM>(m, kj)), k.half_f);
+  const __m512 a = _mm512_abs_ps(u);
+  const __m512 r = _mm512_roundscale_ps(root_magnitude512(a, static_cast<float>(m.half) * kRootUp),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 j = _mm512_min_ps(r, _mm512_set1_ps(static_cast<float>(m.half)));
+  const __m512 jm = _mm512_sub_ps(j, one), c = _mm512_set1_ps(m.coef);
+  // square_level of magnitudes j - 1 and j (non-negative, <= 1 up to the clamp at h)
+  const __m512 lj = _mm512_min_ps(_mm512_mul_ps(_mm512_mul_ps(j, j), c), one);
+  const __m512 ljm = _mm512_min_ps(_mm512_mul_ps(_mm512_mul_ps(jm, jm), c), one);
+  const __m512 mid = _mm512_mul_ps(_mm512_add_ps(ljm, lj), k.half_f);
   const __mmask16 neg = _mm512_cmp_ps_mask(u, k.fzero, _CMP_LT_OQ);
   const __mmask16 below = _mm512_cmp_ps_mask(a, mid, _CMP_LT_OQ) | (neg & _mm512_cmp_ps_mask(a, mid, _CMP_EQ_OQ));
-  const __m512i jj = _mm512_mask_sub_epi32(j, _mm512_cmpgt_epi32_mask(j, k.zero) & below, j, k.one);
+  const __m512i jj = _mm512_cvttps_epi32(_mm512_mask_sub_ps(j, _mm512_cmp_ps_mask(j, k.fzero, _CMP_GT_OQ) & below, j, one));
+  const __m512i h = _mm512_set1_epi32(m.half);
   return _mm512_mask_sub_epi32(_mm512_add_epi32(h, jj), neg, h, jj);
 }
 
