@@ -23,7 +23,12 @@ inline void adamw_update(float* __restrict p, const float* __restrict g, float* 
   const float inv_sqrt_bc2 = 1.0f / sqrt_bc2;
   const float one_minus_b1 = 1.0f - beta1;
   const float one_minus_b2 = 1.0f - beta2;
-  for (int64_t i = 0; i < len; ++i) {
+  int64_t i = 0;
+#if defined(EFFOPT_HAVE_AVX512)
+  const AdamScalars a{beta1, beta2, eps, decay, step_size, inv_sqrt_bc2, one_minus_b1, one_minus_b2};
+  i = adamw_update512(p, g, m, v, len, a);
+#endif
+  for (; i < len; ++i) {
     const float gi = g[i];
     const float mi = m[i] + one_minus_b1 * (gi - m[i]);
     const float vi = v[i] * beta2 + one_minus_b2 * (gi * gi);
@@ -121,11 +126,32 @@ void adamw_quantized_step(torch::Tensor p, torch::Tensor g, torch::Tensor m_code
   else TORCH_CHECK(false, "bits must be 4 or 8");
 }
 
+// The sum of v[0 .. C) in double, and v added into the column partial sums cp. Eight interleaved partial sums
+// (v[j] goes to partial j % 8) combined pairwise, then the tail in order: a fixed order (independent of threads),
+// and no serial chain of dependent additions (one such chain cost half of the step).
+inline double row_sum_and_add(const float* __restrict v, double* __restrict cp, int64_t C) {
+  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= C; j += 8) {
+    for (int l = 0; l < 8; ++l) {
+      const double x = v[j + l];
+      part[l] += x;
+      cp[j + l] += x;
+    }
+  }
+  double tail = 0.0;
+  for (; j < C; ++j) {
+    tail += v[j];
+    cp[j] += v[j];
+  }
+  return (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))) + tail;
+}
+
 // Fused AdamW step over one (R, C) matrix whose first moment is block-quantized and whose second moment is
 // factored (state/factored.py: row means `row` (R), column means `col` (C), V_hat = outer(row, col) / mean(row)).
 // Per row: decode m, form V_hat's row, apply the AdamW update (v = beta2 V_hat + (1 - beta2) g^2), re-encode m,
-// and accumulate the new v's row and column sums in double. Rows are processed in fixed chunks whose column
-// partial sums are added in chunk order, so the result does not depend on the number of threads (exact resume).
+// and accumulate the new v's row sums (row_sum_and_add's order) and column sums in double. Rows are processed
+// in fixed chunks whose column partial sums are added in chunk order, so the result does not depend on the number of threads (exact resume).
 // Needs C % block_size == 0 (every quantization block inside one row). Same arithmetic as the reference path
 // (HybridAdam with fused=False) up to the summation order of the means.
 template <int MB>
@@ -164,12 +190,7 @@ void adamw_factored_rows(float* p, const float* g, StateView m, float* row, floa
           const float sc = store_scale(local, b, block_absmax(mbuf.data() + k * block, block));
           encode_block<MB>(local, fast, mbuf.data() + k * block, tmp.data(), b * block, block, sc);
         }
-        double rs = 0.0;
-        for (int64_t j = 0; j < C; ++j) {
-          rs += vbuf[j];
-          cp[j] += vbuf[j];
-        }
-        newrow[i] = static_cast<float>(rs / static_cast<double>(C));
+        newrow[i] = static_cast<float>(row_sum_and_add(vbuf.data(), cp, C) / static_cast<double>(C));
       }
     }
   });

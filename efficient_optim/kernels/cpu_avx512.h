@@ -350,5 +350,26 @@ int64_t adamw_block512(float* __restrict p, const float* __restrict g, const Sta
   return whole;
 }
 
+
+// adamw_update() on arrays, 16 at a time (same operations); returns how many elements it did.
+inline int64_t adamw_update512(float* __restrict p, const float* __restrict g, float* __restrict m,
+                               float* __restrict v, int64_t len, const AdamScalars& a) {
+  const __m512 b2 = _mm512_set1_ps(a.beta2), eps = _mm512_set1_ps(a.eps), decay = _mm512_set1_ps(a.decay);
+  const __m512 step = _mm512_set1_ps(a.step_size), inv_bc2 = _mm512_set1_ps(a.inv_sqrt_bc2);
+  const __m512 omb1 = _mm512_set1_ps(a.one_minus_b1), omb2 = _mm512_set1_ps(a.one_minus_b2);
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512 gi = _mm512_loadu_ps(g + i), m0 = _mm512_loadu_ps(m + i), v0 = _mm512_loadu_ps(v + i);
+    const __m512 mi = _mm512_add_ps(m0, _mm512_mul_ps(omb1, _mm512_sub_ps(gi, m0)));
+    const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v0, b2), _mm512_mul_ps(omb2, _mm512_mul_ps(gi, gi)));
+    const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), inv_bc2), eps);
+    _mm512_storeu_ps(p + i, _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(p + i), decay),
+                                          _mm512_mul_ps(step, _mm512_div_ps(mi, denom))));
+    _mm512_storeu_ps(m + i, mi);
+    _mm512_storeu_ps(v + i, vi);
+  }
+  return i;
+}
+
 }  // namespace
 #endif
