@@ -126,8 +126,10 @@ def test_controller_decisions_are_logged_with_bits_and_overhead(corpus, tmp_path
     assert row["controller_kind"] == "rules" and 0 <= row["controller_overhead"] < 1
 
 
-def test_a_resumed_run_with_a_controller_is_exact(corpus, tmp_path):
-    cfg = tiny(corpus, grad_compression="q4", controller="rules+every=3+warmup_steps=2", steps=14)
+@pytest.mark.parametrize("controller", ["rules+every=3+warmup_steps=2", "planner+every=3+budget_bpp=7",
+                                        "learned+every=3+budget_bpp=7"])
+def test_a_resumed_run_with_a_controller_is_exact(corpus, tmp_path, controller):
+    cfg = tiny(corpus, grad_compression="q4", controller=controller, steps=14)
     full, resumed = Snapshot(), Snapshot()
     row_full = train_run(cfg, tmp_path / "full", callbacks=[full])
     with pytest.raises(KeyboardInterrupt):
