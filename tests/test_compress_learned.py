@@ -12,17 +12,21 @@ import torch.nn.functional as F
 import efficient_optim as eo
 from efficient_optim.cli import main as cli_main
 from efficient_optim.compress import ControllerPolicy, ErrorFeedback, GradAccumulator, LayerChoice, Quantize
+from efficient_optim.compress.budget import TrainingBudget
+from efficient_optim.compress.kinds import make_controller
 from efficient_optim.compress.learned import (
     DEFAULT_POLICY,
     ENCODED_FEATURES,
     INPUT_SIZE,
     LearnedController,
     PolicyNetwork,
+    budget_room,
     encode_features,
     load_policy,
     policy_record,
     round_weights,
     save_policy,
+    shipped_policies,
 )
 from efficient_optim.compress.menu import GRAD_BITS, GRAD_SPECS, KEEP_FRACTIONS, MOMENTUM_SPECS
 from efficient_optim.compress.policy_env import EpisodeConfig, run_episode
@@ -170,6 +174,7 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert resumed["ppo"]["iterations"] == whole["ppo"]["iterations"]
     assert not (tmp_path / "b.checkpoint.pt").exists()  # removed once the policy is written
+    assert load_policy(tmp_path / "b_bc.pt").metadata["stage"] == "behaviour cloning only"
     other = quick_config(episode=TINY_EPISODE, bc_episodes=2, bc_epochs=10, eval_episodes=1, seed=5)
     train(config, tmp_path / "c.pt", progress=None, stop_after=0)
     with pytest.raises(ValueError, match="other settings"):
@@ -185,6 +190,8 @@ def test_the_shipped_policy_loads_and_decides_menu_choices():
     assert DEFAULT_POLICY.is_file() and DEFAULT_POLICY.stat().st_size < 16_000
     net = load_policy("default")
     assert net.metadata.get("bc_accuracy") is not None
+    assert {"default", "default_bc"} <= set(shipped_policies())
+    assert load_policy("default_bc").metadata["stage"] == "behaviour cloning only"
     model = make_model()
     params = list(model.parameters())
     opt = eo.AdamW(params, lr=1e-3, policy=ControllerPolicy())
@@ -196,12 +203,30 @@ def test_the_shipped_policy_loads_and_decides_menu_choices():
         loss = F.mse_loss(model(x), y)
         loss.backward()
         acc.step(opt)
-        got = ctl.step(step, total_steps=5, loss=float(loss))
+        got = ctl.step(step, total_steps=5, loss=float(loss.detach()))
         if step % 2 == 0:
             assert set(got) == set(range(len(params)))
             assert all(isinstance(c, LayerChoice) and c.grad in GRAD_SPECS and c.momentum in MOMENTUM_SPECS
                        for c in got.values())  # fmt: skip
     assert [h["step"] for h in ctl.history] == [0, 2, 4]
+
+
+def test_the_learned_kind_respects_a_budget():
+    model = make_model()
+    params = list(model.parameters())
+    opt = eo.AdamW(params, lr=1e-3, policy=ControllerPolicy())
+    budget = TrainingBudget(bytes_per_param=10.5)  # the cheapest choices take 10.1 here (momentum fp32: small layers)
+    ctl = make_controller("learned", params, gradients=ErrorFeedback(Quantize(8)), optimizer=opt, budget=budget,
+                          every=1)  # fmt: skip
+    assert isinstance(ctl, LearnedController) and 0 < budget_room(ctl) < 1
+    acc = GradAccumulator(params, ctl.gradients, observer=ctl.observe)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        F.mse_loss(model(torch.randn(16, 32, generator=gen)), torch.randn(16, 8, generator=gen)).backward()
+        acc.step(opt)
+        ctl.step(step, total_steps=3)
+        assert ctl.history[-1]["training_bytes"] <= budget.limit(ctl)
+    assert budget_room(LearnedController(params)) == 1.0  # no budget: nothing is constrained
 
 
 def test_sampling_controller_is_seeded_and_resumable():

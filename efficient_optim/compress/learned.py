@@ -9,8 +9,9 @@ gradient bits (``menu.GRAD_BITS``), the kept fraction (``menu.KEEP_FRACTIONS``) 
     ctl = LearnedController(params, policy="default", gradients=ErrorFeedback(Quantize(8)), optimizer=opt)
     ... ctl.step(step, total_steps=steps) as any controller ...
 
-``policy`` is ``"default"`` (the policy shipped in ``compress/policies/default.pt``), a path of a file saved
-by ``save_policy`` (``effopt mango train-policy`` writes one) or a ``PolicyNetwork``. The base class applies
+``policy`` is ``"default"`` (the policy shipped in ``compress/policies/default.pt``; ``"default_bc"``: the same
+run's policy after behaviour cloning alone), a path of a file saved by ``save_policy`` (``effopt mango
+train-policy`` writes one) or a ``PolicyNetwork``. The base class applies
 (and, with a budget, projects) the choices. A policy file is a plain ``torch.save`` of tensors and lists
 (``torch.load(weights_only=True)`` reads it): a format tag, a version, the encoded feature list, the menu and
 the network's configuration and weights; a file whose version, features or menu differ is refused with an
@@ -112,11 +113,12 @@ def encode_features(features: dict[int, dict]) -> torch.Tensor:
 
 def budget_room(controller: Controller) -> float | None:
     """Where ``controller``'s budget lies between the cheapest menu choices (0) and the most precise ones (1):
-    ``(limit - M_cheapest) / (M_precise - M_cheapest)``; None without a budget. Sizes are fixed for a run, so
-    they are computed once per controller."""
+    ``(limit - M_cheapest) / (M_precise - M_cheapest)``; 1.0 without a budget (no choice is constrained, as
+    under a budget that fits the most precise choices). Sizes are fixed for a run, so they are computed once
+    per controller."""
     budget = getattr(controller, "budget", None)
     if budget is None:
-        return None
+        return 1.0
     cached = getattr(controller, "_budget_sizes", None)
     if cached is None or cached[0] is not budget:
         precise = {k: choice_from_indices(len(GRAD_BITS) - 1, len(KEEP_FRACTIONS) - 1, len(MOMENTUM_SPECS) - 1)
@@ -241,12 +243,20 @@ def policy_from_record(record, source: str = "the policy") -> PolicyNetwork:
     return net
 
 
+def shipped_policies() -> list[str]:
+    """Names of the policies shipped in ``compress/policies`` (``"default"``: behaviour cloning + PPO;
+    ``"default_bc"``: the same run's policy after behaviour cloning alone)."""
+    return sorted(p.stem for p in DEFAULT_POLICY.parent.glob("*.pt"))
+
+
 def load_policy(path="default") -> PolicyNetwork:
-    """The policy saved at ``path`` (``"default"``: the shipped one); clear errors for a missing or foreign file."""
-    path = DEFAULT_POLICY if path == "default" else Path(path)
+    """The policy saved at ``path``, or a shipped one by name (``shipped_policies()``: ``"default"``, ...);
+    clear errors for a missing or foreign file."""
+    shipped = isinstance(path, str) and path in ("default", *shipped_policies())
+    path = DEFAULT_POLICY.parent / f"{path}.pt" if shipped else Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no policy file at {path}" + (" (the package's default policy is missing: reinstall "
-                                "efficient_optim or train one with effopt mango train-policy)" if path == DEFAULT_POLICY else ""))  # fmt: skip
+        raise FileNotFoundError(f"no policy file at {path}" + (" (a shipped policy is missing: reinstall efficient_optim "
+                                "or train one with effopt mango train-policy)" if shipped else ""))  # fmt: skip
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
@@ -260,7 +270,8 @@ class LearnedController(Controller):
     Args:
         params, gradients, optimizer, momentum_state, every, window and the base class's other keyword
             arguments (e.g. a budget): as ``Controller``'s.
-        policy: ``"default"`` (the shipped policy), a path of a saved policy, or a ``PolicyNetwork``.
+        policy: ``"default"`` (the shipped policy; ``"default_bc"``: behaviour cloning only), a path of a saved
+            policy, or a ``PolicyNetwork``.
         deterministic: take each head's most likely choice (default True); False samples (seeded by ``seed``).
         seed: seeds the sampling when ``deterministic`` is False (default 0).
         record: keep every decision's encoded features, actions, log-probability and value in ``trace``

@@ -16,7 +16,8 @@
 4. *Evaluation*: the expert, the cloned policy and the final policy (deterministic) on the same held-out
    episode seeds: mean return, final held-out loss, memory saved.
 
-Writes the policy (``save_policy``; a few KB) to ``out`` and the metrics record to ``out`` with ``.json``.
+Writes the policy (``save_policy``; a few KB) to ``out``, the policy after behaviour cloning alone to
+``<out stem>_bc.pt`` (to compare BC only with BC + PPO) and the metrics record to ``out`` with ``.json``.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class TrainConfig:
         ppo_iterations: PPO iterations (default 20).
         episodes_per_iteration: episodes sampled per PPO iteration (default 8).
         samples_per_seed: episodes sampled on each environment seed, a group (default 4; ``ppo`` module doc).
-        eval_episodes: held-out episodes each evaluation runs (default 6).
+        eval_episodes: held-out episodes each evaluation runs (default 12).
         hidden: the LSTM's hidden size (default 16).
         expert: the controller kind cloned (default ``"planner"``; ``"rules"``: Accordion).
         episode: the episodes' settings (default ``EpisodeConfig()``).
@@ -74,7 +75,7 @@ class TrainConfig:
     ppo_iterations: int = 20
     episodes_per_iteration: int = 8
     samples_per_seed: int = 4
-    eval_episodes: int = 6
+    eval_episodes: int = 12
     hidden: int = 16
     expert: str = "planner"
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
@@ -167,9 +168,9 @@ def _summary(result: dict) -> dict:
 
 
 def evaluate(make_controller, config: TrainConfig) -> dict:
-    """Mean return, final held-out loss and memory saved over the held-out episodes."""
+    """Mean return, final held-out loss and memory saved over the held-out episodes, and each one's return."""
     runs = [_summary(run_episode(make_controller, EVAL_SEED_BASE + i, config.episode)) for i in range(config.eval_episodes)]
-    return {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
+    return {**{key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}, "returns": [r["return"] for r in runs]}
 
 
 def learned_factory(net: PolicyNetwork, deterministic: bool = True, seed: int = 0, record: bool = False):
@@ -198,6 +199,11 @@ def ppo_batch(net: PolicyNetwork, config: TrainConfig, iteration: int) -> tuple[
             batch += [{**t, "advantage": a, "return": r} for t, a, r in zip(result["controller"].trace, adv, ret)]
             returns.append(result["return"])
     return batch, returns
+
+
+def bc_policy_path(out: Path) -> Path:
+    """Where the policy after behaviour cloning alone is written (``<out stem>_bc.pt``)."""
+    return out.with_name(out.stem + "_bc.pt")
 
 
 def checkpoint_path(out: Path) -> Path:
@@ -249,6 +255,9 @@ def train(config: TrainConfig, out, resume: bool = False, progress=print, stop_a
     state = _load_checkpoint(out, config) if resume else None
     if state is None:
         metrics = _behaviour_cloning_stage(net, config, progress)
+        round_weights(net)  # as a policy file holds it
+        save_policy(net, bc_policy_path(out), {"stage": "behaviour cloning only", "seed": config.seed,
+                                               "bc_accuracy": metrics["bc"]["accuracy_held_out"]["all"]})  # fmt: skip
         metrics["ppo"] = {"iterations": [], "eval_before": evaluate(learned_factory(net), config)}
         _say(progress, f"cloned policy: mean return {metrics['ppo']['eval_before']['return']:.3f} on the held-out episodes")
         _save_checkpoint(out, config, net, optimizer, "ppo", 0, metrics)
@@ -312,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "gradient bits, kept fraction and momentum storage): behaviour cloning on "
                                              "the budget planner's decisions, then PPO, on episodes that train a tiny "
                                              "character-level language model.")  # fmt: skip
-    ap.add_argument("--out", type=Path, required=True, help="the policy file to write (its .json metrics record and, "
-                    "while training, a .checkpoint.pt are written beside it)")  # fmt: skip
+    ap.add_argument("--out", type=Path, required=True, help="the policy file to write (its .json metrics record, the "
+                    "behaviour-cloning-only policy _bc.pt and, while training, a .checkpoint.pt are written beside it)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0, help="seeds the network, the episodes and PPO (default 0)")
     ap.add_argument("--bc-episodes", type=int, default=None, help="expert episodes for behaviour cloning (default 24; quick 3)")
     ap.add_argument("--ppo-iterations", type=int, default=None, help="PPO iterations (default 20; quick 2)")
