@@ -260,12 +260,14 @@ def train(config: TrainConfig, out, resume: bool = False, progress=print, stop_a
                                                "bc_accuracy": metrics["bc"]["accuracy_held_out"]["all"]})  # fmt: skip
         metrics["ppo"] = {"iterations": [], "eval_before": evaluate(learned_factory(net), config)}
         _say(progress, f"cloned policy: mean return {metrics['ppo']['eval_before']['return']:.3f} on the held-out episodes")
+        metrics["seconds"] = time.perf_counter() - started
         _save_checkpoint(out, config, net, optimizer, "ppo", 0, metrics)
         start = 0
     else:
         net.load_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
         metrics, start = state["metrics"], state["iteration"]
+        started -= metrics.get("seconds", 0.0)  # the seconds spent before the interruption count too
         _say(progress, f"resumed from {checkpoint_path(out)} at PPO iteration {start}")
     for it in range(start, config.ppo_iterations):
         if stop_after is not None and it >= stop_after:
@@ -276,10 +278,11 @@ def train(config: TrainConfig, out, resume: bool = False, progress=print, stop_a
         _say(progress, f"ppo {it + 1}/{config.ppo_iterations}: mean sampled return {sum(returns) / len(returns):.3f}, "
                        f"policy loss {stats['policy_loss']:.4f}, value loss {stats['value_loss']:.4f}, "
                        f"entropy {stats['entropy']:.3f}")  # fmt: skip
+        metrics["seconds"] = time.perf_counter() - started
         _save_checkpoint(out, config, net, optimizer, "ppo", it + 1, metrics)
     round_weights(net)  # what the policy file holds: the evaluation is of the shipped weights
     metrics["ppo"]["eval_after"] = evaluate(learned_factory(net), config)
-    metrics["seconds"] = metrics.get("seconds", 0.0) + time.perf_counter() - started
+    metrics["seconds"] = time.perf_counter() - started
     metrics["config"] = config.to_dict()
     _say(progress, f"trained policy: mean return {metrics['ppo']['eval_after']['return']:.3f} on the held-out episodes")
     summary = {"bc_accuracy": metrics["bc"]["accuracy_held_out"]["all"], "expert": metrics["bc"]["expert"],
