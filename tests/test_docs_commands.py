@@ -50,6 +50,7 @@ STOP_BEFORE = {
     "finetune": ("efficient_optim.bench.finetune", "run_finetune"),
     "landscape": ("efficient_optim.bench.landscape_cmd", "run_landscape"),
     "theory": ("efficient_optim.bench.theory_cmd", "run_studies"),
+    "mango": ("efficient_optim.compress.train_policy", "train"),
 }
 
 # Commands checked at the parser only, with the reason.
