@@ -7,7 +7,7 @@ compressed with error feedback and whose per-layer gradient and momentum compres
 one hard training-memory budget (``compress.TrainingBudget``): a static choice (4-bit gradients, 8-bit momentum:
 the budget is that choice's exact bytes, measured on the model before the runs), the rule-based controller
 (Accordion), the budget planner and the learned policy (the shipped default: BC + PPO; BC only when that file
-ships). The learned policy is also run on a 4x wider LM (transfer to a larger model than it was trained on) and on
+ships: ``default_bc``). The learned policy is also run on a 4x wider LM (transfer to a larger model than it was trained on) and on
 the CNN.
 
 Verdicts: the training-memory reduction against fp32 Adam (measured training bytes: parameters, gradients incl.
@@ -41,6 +41,7 @@ QUALITY_DROP = 0.01
 TARGET, STRONG = 0.20, 0.50
 OVERHEAD_TARGET = 0.02
 CONTROLLED = ("static", "rules", "planner", "learned", "learned-bc")
+SHIPPED_POLICY = {"learned": "default", "learned-bc": "default_bc"}  # the shipped policy each learned method runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,7 @@ METHODS = (
            "static+grad=q4+momentum=8bit+every={every}+budget_bytes={budget}"),
     Method("rules", "rule-based (Accordion)", "qadamw8", "q8", "rules+every={every}+warmup_steps={warmup}+budget_bytes={budget}"),
     Method("planner", "budget planner", "qadamw8", "q8", "planner+every={every}+budget_bytes={budget}"),
-    Method("learned", "learned policy (BC + PPO)", "qadamw8", "q8", "learned+every={every}+budget_bytes={budget}"),
+    Method("learned", "learned policy (BC + PPO)", "qadamw8", "q8", "learned+policy={policy}+every={every}+budget_bytes={budget}"),
     Method("learned-bc", "learned policy (BC only)", "qadamw8", "q8", "learned+policy={policy}+every={every}+budget_bytes={budget}"),
 )  # fmt: skip
 LARGE_METHODS = ("fp32", "8bit", "static", "planner", "learned")
@@ -114,22 +115,18 @@ def _availability(name: str) -> str | None:
         from ...compress.budget import TrainingBudget  # noqa: F401
     except ImportError:
         return "compress.budget.TrainingBudget is not in this version: no controller can run under a budget"
-    if kind == "learned":
-        policy = learned_policy_file(name)
-        if policy is None:
-            return ("no shipped behaviour-cloning-only policy file (compress/policies/*bc*.pt)" if name == "learned-bc"
-                    else "the shipped default policy (compress/policies/default.pt) is missing")  # fmt: skip
+    if kind == "learned" and SHIPPED_POLICY[name] not in shipped_policy_names():
+        return f"the shipped policy {SHIPPED_POLICY[name]!r} (compress/policies/{SHIPPED_POLICY[name]}.pt) is not in this version"
     return None
 
 
-def learned_policy_file(name: str) -> Path | None:
-    """The policy file of ``learned`` (the shipped default) or ``learned-bc`` (a shipped ``*bc*.pt``)."""
-    folder = Path(__file__).resolve().parents[2] / "compress" / "policies"
-    if name == "learned":
-        path = folder / "default.pt"
-        return path if path.is_file() else None
-    found = sorted(p for p in folder.glob("*.pt") if "bc" in p.stem.lower()) if folder.is_dir() else []
-    return found[0] if found else None
+def shipped_policy_names() -> list[str]:
+    """The learned policies this version ships (``compress.learned.shipped_policies``; none without it)."""
+    try:
+        from ...compress.learned import shipped_policies
+    except ImportError:
+        return []
+    return shipped_policies()
 
 
 class BudgetedCompression(Protocol):
@@ -154,7 +151,6 @@ class BudgetedCompression(Protocol):
             if why is not None:
                 skipped[m.name] = why
                 missing.append(Verdict(f"{m.words}: skipped", "every model", "not run", NOT_MEASURABLE, why))
-        policy = learned_policy_file("learned-bc")
         for label, _ in MODELS:
             b = model_config(base, label)
             names = (QUICK_LARGE_METHODS if quick else LARGE_METHODS) if label == "lm-large" else [m.name for m in METHODS]
@@ -162,7 +158,8 @@ class BudgetedCompression(Protocol):
             for m in METHODS:
                 if m.name not in names or m.name in skipped:
                     continue
-                ctl = m.controller.format(every=every, warmup=warmup, budget=budget, policy=policy) if m.controller else None
+                ctl = (m.controller.format(every=every, warmup=warmup, budget=budget, policy=SHIPPED_POLICY.get(m.name))
+                       if m.controller else None)  # fmt: skip
                 comp = m.compression.format(warmup=warmup * 2) if m.compression else None
                 over = {"grad_compression": comp, "controller": ctl}
                 plan += plan_matrix(b, [m.optimizer], seeds, {f"{label}/{m.name}": over})
