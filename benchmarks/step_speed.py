@@ -39,6 +39,8 @@ CANDIDATES = {
     "adamw_foreach": (lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True), 28),
     "qadamw8": (lambda p: eo.QAdamW(p, lr=1e-3, bits=8), 16),
     "qadamw4": (lambda p: eo.QAdamW(p, lr=1e-3, bits=4), 14),
+    # the closed-form maps: the CPU kernel computes their levels instead of reading tables (docs/kernels.md)
+    "qadamw8_sqrt": (lambda p: eo.QAdamW(p, lr=1e-3, bits=8, m_map="sqrt", v_map="sqrt_nozero"), 16),
     "qadamw8_reference": (lambda p: eo.QAdamW(p, lr=1e-3, bits=8, fused=False), 16),
     "bnb_adamw8bit": (lambda p: eo.create_optimizer("adamw_bnb_8bit", p, lr=1e-3), 16),
     "torchao_adamw8bit": (lambda p: eo.create_optimizer("adamw_torchao_8bit", p, lr=1e-3), 16),

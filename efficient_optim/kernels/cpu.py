@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -28,11 +29,17 @@ import torch
 
 _SOURCE = Path(__file__).with_name("cpu_adamw.cpp")
 # headers the source includes (one translation unit); their text is part of the build key
-_HEADERS = tuple(Path(__file__).with_name(h) for h in ("cpu_maps.h", "cpu_avx512.h", "cpu_codec.h"))
+_HEADERS = tuple(Path(__file__).with_name(h) for h in ("cpu_maps.h", "cpu_avx2_closed.h", "cpu_avx512.h", "cpu_codec.h"))
 # -ffp-contract=off keeps a*b+c as two roundings, like the PyTorch reference; -fno-math-errno lets sqrt
 # vectorize. No -ffast-math: NaN/Inf and denormal behaviour stay IEEE.
 _CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=256", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
+
+
+def _cflags() -> list[str]:
+    """The compiler flags: ``_CFLAGS`` plus ``$EFFOPT_KERNEL_CFLAGS`` (split like a shell line; e.g.
+    ``-mno-avx512f`` builds the AVX2 paths on an AVX-512 machine, as the tests do). Part of the build key."""
+    return _CFLAGS + shlex.split(os.environ.get("EFFOPT_KERNEL_CFLAGS", ""))
 _LIB_SUFFIXES = (".so", ".pyd", ".dylib")  # what torch names the built module on Linux, Windows, macOS
 
 
@@ -82,7 +89,7 @@ def build_key(**overrides) -> dict:
         "torch_path": str(Path(torch.__file__).resolve().parent),  # a second venv's torch is another install
         "torch_cxx11_abi": str(torch._C._GLIBCXX_USE_CXX11_ABI),
         "python": f"{sys.implementation.cache_tag} {sysconfig.get_config_var('EXT_SUFFIX')} {sys.abiflags}",
-        "cflags": " ".join(_CFLAGS),
+        "cflags": " ".join(_cflags()),
         "ldflags": " ".join(_LDFLAGS),
         "cpu": _cpu_fingerprint(),
         "compiler": _compiler_version(),
@@ -142,7 +149,7 @@ def _build_and_load(name: str, directory: Path):
     module = load(
         name=name,
         sources=[str(_SOURCE)],
-        extra_cflags=_CFLAGS,
+        extra_cflags=_cflags(),
         extra_ldflags=_LDFLAGS,
         build_directory=str(directory),
         verbose=os.environ.get("EFFOPT_VERBOSE_BUILD", "") not in ("", "0"),

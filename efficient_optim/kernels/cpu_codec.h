@@ -4,6 +4,7 @@
 // the PyTorch reference in quant/blockwise.py).
 #pragma once
 
+#include "cpu_avx2_closed.h"
 #include "cpu_avx512.h"
 
 #if defined(__AVX2__)
@@ -232,7 +233,21 @@ void encode_block(StateView& s, const FastState& fast, const float* __restrict b
   const uint32_t first = static_cast<uint32_t>(start);
 #if defined(__AVX2__)
   if (direct == 0) {
-    if (s.map.num_levels <= 16) {
+    const uint32_t salt = s.salt;
+    auto draws = [salt](uint32_t first_elem) {  // the counter hash of 8 elements, as encode_values_avx2 draws
+      const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first_elem)),
+                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const __m256i h = fmix32_avx2(_mm256_add_epi32(_mm256_mullo_epi32(idx, _mm256_set1_epi32(static_cast<int32_t>(kGolden))),
+                                                     _mm256_set1_epi32(static_cast<int32_t>(salt))));
+      return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(1.0f / 16777216.0f));
+    };
+    if (s.map.form == kSqrtUnsigned) {
+      done = s.stochastic ? encode_closed_avx2<kSqrtUnsigned, true>(s.map, buf, tmp, len, scale, first, draws)
+                          : encode_closed_avx2<kSqrtUnsigned, false>(s.map, buf, tmp, len, scale, first, draws);
+    } else if (s.map.form == kSquareSigned) {
+      done = s.stochastic ? encode_closed_avx2<kSquareSigned, true>(s.map, buf, tmp, len, scale, first, draws)
+                          : encode_closed_avx2<kSquareSigned, false>(s.map, buf, tmp, len, scale, first, draws);
+    } else if (s.map.num_levels <= 16) {
       done = s.stochastic ? encode_small_avx2<true>(s.map, buf, tmp, len, scale, s.salt, first)
                           : encode_small_avx2<false>(s.map, buf, tmp, len, scale, s.salt, first);
     } else {
