@@ -147,6 +147,49 @@ inline double row_sum_and_add(const float* __restrict v, double* __restrict cp, 
   return (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))) + tail;
 }
 
+#if defined(EFFOPT_HAVE_AVX512)
+// One row of adamw_factored_rows on the AVX-512 path (needs decodes512 and block % 16 == 0): per quantization
+// block, m decoded 16 at a time, V_hat's row formed on the fly (ri * col), the AdamW update (adamw_update's
+// operations), the block maximum, the new v summed into eight double partials in row_sum_and_add's order and
+// added to the column partials, then the block re-encoded. Returns the row's sum of the new v.
+template <int MB>
+double factored_row512(float* p, const float* g, StateView& m, const FastState& fast, int64_t first_block,
+                       int64_t per_row, int64_t block, float ri, const float* col, const AdamScalars& a, float* mbuf,
+                       int32_t* tmp, double* cp) {
+  const __m512 b2 = _mm512_set1_ps(a.beta2), eps = _mm512_set1_ps(a.eps), decay = _mm512_set1_ps(a.decay);
+  const __m512 step = _mm512_set1_ps(a.step_size), inv_bc2 = _mm512_set1_ps(a.inv_sqrt_bc2);
+  const __m512 omb1 = _mm512_set1_ps(a.one_minus_b1), omb2 = _mm512_set1_ps(a.one_minus_b2), vri = _mm512_set1_ps(ri);
+  __m512d part = _mm512_setzero_pd();
+  for (int64_t k = 0; k < per_row; ++k) {
+    const int64_t b = first_block + k, off = k * block;
+    __m512i best = _mm512_setzero_si512();
+    with_decoder512<MB>(m, fast, b * block, load_scale(m, b), [&](auto decode_m) {
+      for (int64_t i = 0; i < block; i += 16) {
+        const int64_t j = off + i;
+        const __m512 gi = _mm512_loadu_ps(g + j), m0 = decode_m(i), v0 = _mm512_mul_ps(vri, _mm512_loadu_ps(col + j));
+        const __m512 mi = _mm512_add_ps(m0, _mm512_mul_ps(omb1, _mm512_sub_ps(gi, m0)));
+        const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v0, b2), _mm512_mul_ps(omb2, _mm512_mul_ps(gi, gi)));
+        const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), inv_bc2), eps);
+        _mm512_storeu_ps(p + j, _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(p + j), decay),
+                                              _mm512_mul_ps(step, _mm512_div_ps(mi, denom))));
+        _mm512_storeu_ps(mbuf + j, mi);
+        best = absmax_bits512(best, mi);
+        const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(vi));
+        const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(vi), 1)));
+        part = _mm512_add_pd(_mm512_add_pd(part, lo), hi);
+        _mm512_storeu_pd(cp + j, _mm512_add_pd(_mm512_loadu_pd(cp + j), lo));
+        _mm512_storeu_pd(cp + j + 8, _mm512_add_pd(_mm512_loadu_pd(cp + j + 8), hi));
+      }
+    });
+    const float sc = store_scale(m, b, bits_to_float(_mm512_reduce_max_epu32(best)));
+    encode_block<MB>(m, fast, mbuf + off, tmp, b * block, block, sc);
+  }
+  alignas(64) double q[8];
+  _mm512_store_pd(q, part);
+  return (((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]))) + 0.0;  // row_sum_and_add's order
+}
+#endif
+
 // Fused AdamW step over one (R, C) matrix whose first moment is block-quantized and whose second moment is
 // factored (state/factored.py: row means `row` (R), column means `col` (C), V_hat = outer(row, col) / mean(row)).
 // Per row: decode m, form V_hat's row, apply the AdamW update (v = beta2 V_hat + (1 - beta2) g^2), re-encode m,
@@ -170,6 +213,10 @@ void adamw_factored_rows(float* p, const float* g, StateView m, float* row, floa
   std::vector<float> newrow(R);
   const float decay = 1.0f - lr * weight_decay;
   const int64_t per_row = C / block;
+#if defined(EFFOPT_HAVE_AVX512)
+  const bool fast_rows = decodes512<MB>(m) && block % 16 == 0;
+  const AdamScalars a{beta1, beta2, eps, decay, step_size, 1.0f / sqrt_bc2, 1.0f - beta1, 1.0f - beta2};
+#endif
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> mbuf(C), vbuf(C);
     std::vector<int32_t> tmp(block);
@@ -180,6 +227,14 @@ void adamw_factored_rows(float* p, const float* g, StateView m, float* row, floa
       const int64_t i1 = std::min(R, (c + 1) * chunk);
       for (int64_t i = c * chunk; i < i1; ++i) {
         const int64_t first_block = i * per_row;
+#if defined(EFFOPT_HAVE_AVX512)
+        if (fast_rows) {
+          const double rs = factored_row512<MB>(p + i * C, g + i * C, local, fast, first_block, per_row, block,
+                                                rscaled[i], col, a, mbuf.data(), tmp.data(), cp);
+          newrow[i] = static_cast<float>(rs / static_cast<double>(C));
+          continue;
+        }
+#endif
         for (int64_t k = 0; k < per_row; ++k)
           decode_block<MB>(local, fast, (first_block + k) * block, block, load_scale(local, first_block + k), mbuf.data() + k * block);
         const float ri = rscaled[i];
