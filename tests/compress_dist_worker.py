@@ -23,7 +23,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from dist_worker import make_model  # noqa: E402  (the distributed tests' model: a 23.7k-parameter MLP)
 
-from efficient_optim.compress import DGC, ErrorFeedback, NoFeedback, Quantize, register_compression_hook  # noqa: E402
+from efficient_optim.compress import (  # noqa: E402
+    DGC,
+    AccordionController,
+    ErrorFeedback,
+    LayerChoice,
+    NoFeedback,
+    Quantize,
+    StaticController,
+    register_compression_hook,
+)
 
 STEPS, BATCH, LR = 6, 32, 0.05
 BUCKET_MB = 0.02  # ~5k fp32 elements per bucket: the 23.7k-parameter model gets several
@@ -158,12 +167,83 @@ def scenario_nonfinite(rank, world, data, results):
                             "rank0_residual_keys": len(residuals)}  # fmt: skip
 
 
+def train_controlled(make_ctl, compressor, rank, world, data):
+    """Train under the hook with the controller ``make_ctl(params)``; also whether the controller observed,
+    at every step, each layer's reduced gradient (the one the optimizer steps with)."""
+    model = ddp(make_model())
+    params = list(model.module.parameters())
+    ctl = make_ctl(params)
+    state = register_compression_hook(model, compressor, controller=ctl)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses, observed = [], True
+    for step, (x, y) in enumerate(data):
+        half = x.shape[0] // world
+        loss = F.mse_loss(model(x[rank * half:(rank + 1) * half]), y[rank * half:(rank + 1) * half])
+        loss.backward()
+        observed &= all(len(ctl.norms[k]) == min(step + 1, ctl.window) and
+                        abs(ctl.norms[k][-1] - float(p.grad.norm())) <= 1e-6 * float(p.grad.norm()) for k, p in enumerate(params))  # fmt: skip
+        opt.step()
+        opt.zero_grad()
+        ctl.step(step, total_steps=len(data))
+        losses.append(loss.item())
+    return model, state, ctl, losses, observed
+
+
+def predicted_payload(record, params, bits_of) -> tuple[int, list]:
+    """The payload bytes of an iteration whose bucket of layers ``key`` is sent at ``bits_of(key)`` bits (the
+    4-byte flag + ``Quantize(bits).nbytes``), and those bits' names."""
+    total, names = 0, []
+    for key, _ in record["buckets"]:
+        bits = bits_of(key)
+        total += 4 + Quantize(bits).nbytes(sum(params[k].numel() for k in key))
+        names.append(Quantize(bits).describe())
+    return total, names
+
+
+def scenario_controller(rank, world, data, results):
+    """A controller drives the hook: fp32 equals plain all-reduce; Accordion's rule switches every layer from
+    8 to 4 bits after its warm-up; a static per-layer choice gives each bucket its most precise layer's bits."""
+    sgd = lambda ps: torch.optim.SGD(ps, lr=LR)  # noqa: E731
+    plain, _, _, plain_losses, _ = train(None, rank, world, data, sgd)
+    reference = flat_params(plain.module)
+    fp32 = lambda ps: StaticController(ps, LayerChoice("fp32"), every=1)  # noqa: E731
+    model, state, _, losses, observed = train_controlled(fp32, ErrorFeedback(Quantize(2)), rank, world, data)
+    out = {"fp32": {**summary(model, state, losses, reference), "observed": observed,
+                    "equal_losses": losses == plain_losses}}  # fmt: skip
+    rules = lambda ps: AccordionController(ps, low=LayerChoice("q4"), high=LayerChoice("q8"), threshold=1e9,  # noqa: E731
+                                           warmup_steps=3, every=3, window=3)  # fmt: skip
+    model, state, ctl, losses, observed = train_controlled(rules, ErrorFeedback(Quantize(2)), rank, world, data)
+    params = list(model.module.parameters())
+    # decisions at steps 0 (warm-up: q8) and 3 (q4) take effect at the next iterations; iteration 0 is plain
+    bits = {1: 8, 2: 8, 3: 8, 4: 4, 5: 4}
+    iters = state.report()["per_iteration"]
+    out["rules"] = {**summary(model, state, losses, reference), "observed": observed,
+                    "history": [h["choices"] for h in ctl.history], "resets": state.compressor.resets,
+                    "measured": [r["payload_bytes"] for r in iters[1:]],
+                    "predicted": [predicted_payload(r, params, lambda key, i=i: bits[i])[0] for i, r in enumerate(iters) if i],
+                    "names": [[n for _, n in r["buckets"]] for r in iters[1:]],
+                    "predicted_names": [predicted_payload(r, params, lambda key, i=i: bits[i])[1] for i, r in enumerate(iters) if i],
+                    "plain_first": iters[0]["payload_bytes"] == 0 and iters[0]["plain_bytes"] == 4 * len(reference)}  # fmt: skip
+    layer_bits = {k: 2 for k in range(8)} | {1: 8, 5: 4}
+    static = lambda ps: StaticController(ps, {k: LayerChoice(f"q{b}") for k, b in layer_bits.items()}, every=100)  # noqa: E731
+    model, state, _, losses, observed = train_controlled(static, ErrorFeedback(Quantize(32)), rank, world, data)
+    params, iters = list(model.module.parameters()), state.report()["per_iteration"]
+    most_precise = lambda key: max(layer_bits[k] for k in key)  # noqa: E731
+    out["static"] = {**summary(model, state, losses, reference), "observed": observed,
+                     "measured": [r["payload_bytes"] for r in iters[1:]],
+                     "predicted": [predicted_payload(r, params, most_precise)[0] for r in iters[1:]],
+                     "names": [[n for _, n in r["buckets"]] for r in iters[1:]],
+                     "predicted_names": [predicted_payload(r, params, most_precise)[1] for r in iters[1:]],
+                     "keys": [k for k, _ in iters[-1]["buckets"]]}  # fmt: skip
+    results["controller"] = out
+
+
 def main():
     rank, world, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     results, timings, data = {}, {}, batches()
-    for fn in (scenario_plain_and_exact, scenario_feedback_sum, scenario_dgc, scenario_nonfinite):
+    for fn in (scenario_plain_and_exact, scenario_feedback_sum, scenario_dgc, scenario_nonfinite, scenario_controller):
         t = time.time()
         try:
             fn(rank, world, data, results)

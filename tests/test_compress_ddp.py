@@ -75,3 +75,29 @@ def test_nonfinite_gradient_on_one_rank_reaches_every_rank(results):
     r = results["nonfinite"]
     assert r["grads_nan_on_every_rank"] and r["earlier_grads_finite"]
     assert r["rank0_residuals_finite"] and r["rank0_residual_keys"] >= 1
+
+
+def test_a_controller_at_32_bits_equals_plain_allreduce(results):
+    r = results["controller"]["fp32"]
+    assert r["max_diff_to_plain"] == 0.0 and r["equal_losses"] and r["same_on_all_ranks"]
+    assert r["observed"]  # every step, every layer's reduced gradient reached the controller
+
+
+def test_a_controller_switching_bits_changes_the_bytes_on_the_wire_as_predicted(results):
+    r = results["controller"]["rules"]
+    assert [{g for g, _ in c.values()} for c in r["history"]] == [{"q8"}, {"q4"}]  # warm-up, then the rule's low choice
+    assert r["plain_first"] and r["measured"] == r["predicted"] and r["names"] == r["predicted_names"]
+    assert r["measured"][2] > 1.9 * r["measured"][3]  # 8 -> 4 bits from the iteration after the decision
+    assert r["same_on_all_ranks"] and r["observed"] and 0 < r["max_diff_to_plain"] < 3e-3
+    report = r["report"]
+    assert report["switches"] == len(r["names"][-1]) and report["dropped_residuals"] == 0 and r["resets"] == 0
+    assert report["payload_bytes"] == sum(r["measured"])
+    assert sum(i["sent_bytes"] for i in report["per_iteration"]) == report["sent_bytes"]
+
+
+def test_each_bucket_takes_the_most_precise_choice_of_its_layers(results):
+    r = results["controller"]["static"]
+    assert len(r["keys"]) >= 2 and sorted(k for key in r["keys"] for k in key) == list(range(8))
+    assert r["measured"] == r["predicted"] and r["names"] == r["predicted_names"]
+    assert {"q8", "q4"} <= {n for names in r["names"] for n in names}  # layer 1's 8 bits and layer 5's 4 bits won
+    assert r["same_on_all_ranks"] and r["observed"]
