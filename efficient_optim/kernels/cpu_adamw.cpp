@@ -156,9 +156,8 @@ template <int MB>
 double factored_row512(float* p, const float* g, StateView& m, const FastState& fast, int64_t first_block,
                        int64_t per_row, int64_t block, float ri, const float* col, const AdamScalars& a, float* mbuf,
                        int32_t* tmp, double* cp) {
-  const __m512 b2 = _mm512_set1_ps(a.beta2), eps = _mm512_set1_ps(a.eps), decay = _mm512_set1_ps(a.decay);
-  const __m512 step = _mm512_set1_ps(a.step_size), inv_bc2 = _mm512_set1_ps(a.inv_sqrt_bc2);
-  const __m512 omb1 = _mm512_set1_ps(a.one_minus_b1), omb2 = _mm512_set1_ps(a.one_minus_b2), vri = _mm512_set1_ps(ri);
+  const Adam512 adam(a);
+  const __m512 vri = _mm512_set1_ps(ri);
   __m512d part = _mm512_setzero_pd();
   for (int64_t k = 0; k < per_row; ++k) {
     const int64_t b = first_block + k, off = k * block;
@@ -166,12 +165,8 @@ double factored_row512(float* p, const float* g, StateView& m, const FastState& 
     with_decoder512<MB>(m, fast, b * block, load_scale(m, b), [&](auto decode_m) {
       for (int64_t i = 0; i < block; i += 16) {
         const int64_t j = off + i;
-        const __m512 gi = _mm512_loadu_ps(g + j), m0 = decode_m(i), v0 = _mm512_mul_ps(vri, _mm512_loadu_ps(col + j));
-        const __m512 mi = _mm512_add_ps(m0, _mm512_mul_ps(omb1, _mm512_sub_ps(gi, m0)));
-        const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v0, b2), _mm512_mul_ps(omb2, _mm512_mul_ps(gi, gi)));
-        const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), inv_bc2), eps);
-        _mm512_storeu_ps(p + j, _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(p + j), decay),
-                                              _mm512_mul_ps(step, _mm512_div_ps(mi, denom))));
+        __m512 mi, vi;
+        adam(p + j, _mm512_loadu_ps(g + j), decode_m(i), _mm512_mul_ps(vri, _mm512_loadu_ps(col + j)), mi, vi);
         _mm512_storeu_ps(mbuf + j, mi);
         best = absmax_bits512(best, mi);
         const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(vi));

@@ -318,6 +318,21 @@ struct AdamScalars {
   float beta1, beta2, eps, decay, step_size, inv_sqrt_bc2, one_minus_b1, one_minus_b2;
 };
 
+// AdamW on 16 values with adamw_update's operations in its order: the new m and v, and p updated in place.
+struct Adam512 {
+  __m512 b2, eps, decay, step, inv_bc2, omb1, omb2;
+  explicit Adam512(const AdamScalars& a)
+      : b2(_mm512_set1_ps(a.beta2)), eps(_mm512_set1_ps(a.eps)), decay(_mm512_set1_ps(a.decay)),
+        step(_mm512_set1_ps(a.step_size)), inv_bc2(_mm512_set1_ps(a.inv_sqrt_bc2)),
+        omb1(_mm512_set1_ps(a.one_minus_b1)), omb2(_mm512_set1_ps(a.one_minus_b2)) {}
+  void operator()(float* p, __m512 g, __m512 m0, __m512 v0, __m512& mi, __m512& vi) const {
+    mi = _mm512_add_ps(m0, _mm512_mul_ps(omb1, _mm512_sub_ps(g, m0)));
+    vi = _mm512_add_ps(_mm512_mul_ps(v0, b2), _mm512_mul_ps(omb2, _mm512_mul_ps(g, g)));
+    const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), inv_bc2), eps);
+    _mm512_storeu_ps(p, _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(p), decay), _mm512_mul_ps(step, _mm512_div_ps(mi, denom))));
+  }
+};
+
 // Largest |x| bit pattern seen so far (an integer max on the bits, as block_absmax takes it).
 inline __m512i absmax_bits512(__m512i best, __m512 x) {
   return _mm512_max_epu32(best, _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)));
@@ -335,18 +350,11 @@ int64_t adamw_block512(float* __restrict p, const float* __restrict g, const Sta
   const int64_t whole = len & ~int64_t{15};
   with_decoder512<MB>(m, mf, start, m_scale, [&](auto decode_m) {
     with_decoder512<VB>(v, vf, start, v_scale, [&](auto decode_v) {
-      const __m512 b2 = _mm512_set1_ps(a.beta2), eps = _mm512_set1_ps(a.eps), decay = _mm512_set1_ps(a.decay);
-      const __m512 step = _mm512_set1_ps(a.step_size), inv_bc2 = _mm512_set1_ps(a.inv_sqrt_bc2);
-      const __m512 omb1 = _mm512_set1_ps(a.one_minus_b1), omb2 = _mm512_set1_ps(a.one_minus_b2);
+      const Adam512 adam(a);
       __m512i mbest = _mm512_setzero_si512(), vbest = _mm512_setzero_si512();
       for (int64_t i = 0; i < whole; i += 16) {
-        const __m512 gi = _mm512_loadu_ps(g + i), m0 = decode_m(i), v0 = decode_v(i);
-        const __m512 mi = _mm512_add_ps(m0, _mm512_mul_ps(omb1, _mm512_sub_ps(gi, m0)));
-        const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v0, b2), _mm512_mul_ps(omb2, _mm512_mul_ps(gi, gi)));
-        const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), inv_bc2), eps);
-        const __m512 pi = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(p + i), decay),
-                                        _mm512_mul_ps(step, _mm512_div_ps(mi, denom)));
-        _mm512_storeu_ps(p + i, pi);
+        __m512 mi, vi;
+        adam(p + i, _mm512_loadu_ps(g + i), decode_m(i), decode_v(i), mi, vi);
         _mm512_storeu_ps(mbuf + i, mi);
         _mm512_storeu_ps(vbuf + i, vi);
         mbest = absmax_bits512(mbest, mi);
@@ -364,17 +372,11 @@ int64_t adamw_block512(float* __restrict p, const float* __restrict g, const Sta
 // adamw_update() on arrays, 16 at a time (same operations); returns how many elements it did.
 inline int64_t adamw_update512(float* __restrict p, const float* __restrict g, float* __restrict m,
                                float* __restrict v, int64_t len, const AdamScalars& a) {
-  const __m512 b2 = _mm512_set1_ps(a.beta2), eps = _mm512_set1_ps(a.eps), decay = _mm512_set1_ps(a.decay);
-  const __m512 step = _mm512_set1_ps(a.step_size), inv_bc2 = _mm512_set1_ps(a.inv_sqrt_bc2);
-  const __m512 omb1 = _mm512_set1_ps(a.one_minus_b1), omb2 = _mm512_set1_ps(a.one_minus_b2);
+  const Adam512 adam(a);
   int64_t i = 0;
   for (; i + 16 <= len; i += 16) {
-    const __m512 gi = _mm512_loadu_ps(g + i), m0 = _mm512_loadu_ps(m + i), v0 = _mm512_loadu_ps(v + i);
-    const __m512 mi = _mm512_add_ps(m0, _mm512_mul_ps(omb1, _mm512_sub_ps(gi, m0)));
-    const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v0, b2), _mm512_mul_ps(omb2, _mm512_mul_ps(gi, gi)));
-    const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), inv_bc2), eps);
-    _mm512_storeu_ps(p + i, _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(p + i), decay),
-                                          _mm512_mul_ps(step, _mm512_div_ps(mi, denom))));
+    __m512 mi, vi;
+    adam(p + i, _mm512_loadu_ps(g + i), _mm512_loadu_ps(m + i), _mm512_loadu_ps(v + i), mi, vi);
     _mm512_storeu_ps(m + i, mi);
     _mm512_storeu_ps(v + i, vi);
   }
