@@ -26,6 +26,12 @@ each gradient before its parameter is stepped: the step sees ``decompress(compre
 residual (kept compressed, per parameter) carries what was lost to the next step. This saves no memory (the
 gradient is freed at once anyway; the residual adds to it): it is the per-layer gradient a sharded or
 data-parallel step would receive, and where gradient bits meet the optimizer's state bits (docs/mango.md).
+
+``observer=`` is called as ``observer(key, grad)`` with each finite gradient before it is compressed (``key``:
+the parameter's position among the model's trainable parameters). ``controller=`` (a ``compress.Controller``
+over those parameters, in that order) is the short form: it observes every gradient, and the compressor is
+its ``gradients``, whose per-layer specs its decisions set (``controller.step`` after each backward; a
+decision applies from the next step on).
 """
 
 from __future__ import annotations
@@ -44,9 +50,15 @@ class GradientRelease:
         optimizer: an efficient_optim optimizer holding every trainable parameter of ``model``.
         compressor: compress each gradient before its step (a ``Compressor`` or ``GradientCompressor`` of
             ``efficient_optim.compress``; default None: the exact gradient).
+        observer: called as ``observer(key, grad)`` with each finite gradient before compression (``key``: the
+            parameter's position among the trainable parameters; default None).
+        controller: a ``compress.Controller`` over the trainable parameters in order: observes every gradient
+            and sets the per-layer compressor specs of its ``gradients``, which is then the compressor (default
+            None). Not with ``observer``; ``compressor``, if given, must be ``controller.gradients``.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: CodecOptimizer, compressor=None):
+    def __init__(self, model: torch.nn.Module, optimizer: CodecOptimizer, compressor=None, observer=None,
+                 controller=None):  # fmt: skip
         if not isinstance(optimizer, CodecOptimizer):
             raise TypeError(
                 f"gradient release needs an optimizer of efficient_optim (it steps one parameter at a time); "
@@ -59,13 +71,19 @@ class GradientRelease:
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p not in handled]
         if missing:
             raise ValueError(f"parameters not handled by the optimizer: {', '.join(missing[:5])}")
-        self.optimizer = optimizer
+        if controller is not None:
+            compressor, observer = _controlled(controller, params, compressor, observer)
+        if observer is not None and not callable(observer):
+            raise ValueError(f"observer must be callable as observer(key, grad), got {observer!r}")
+        self.optimizer, self.observer, self.controller = optimizer, observer, controller
         self.compressor = as_gradient_compressor(compressor) if compressor is not None else None
         self._keys = {p: i for i, p in enumerate(params)}  # the compressor's state is kept per parameter
         self._hooks = [p.register_post_accumulate_grad_hook(self._step) for p in params]
         optimizer._release = self
 
     def _step(self, param: torch.Tensor) -> None:
+        if self.observer is not None and param.grad is not None and bool(torch.isfinite(param.grad).all()):
+            self.observer(self._keys[param], param.grad.detach())
         if self.compressor is not None and param.grad is not None:
             self._compress(param)
         self.optimizer.step_param(param)
@@ -107,7 +125,25 @@ class GradientRelease:
         return bool(self._hooks)
 
 
-def enable_gradient_release(model: torch.nn.Module, optimizer: CodecOptimizer, compressor=None) -> GradientRelease:
+def _controlled(controller, params: list, compressor, observer) -> tuple:
+    """The compressor and observer of a release driven by ``controller`` (see ``GradientRelease``)."""
+    if not all(hasattr(controller, a) for a in ("params", "gradients", "observe")):
+        raise ValueError(f"controller must be an efficient_optim.compress Controller, got {controller!r}")
+    if observer is not None:
+        raise ValueError("give observer= or controller= (which observes), not both")
+    if compressor is not None and compressor is not controller.gradients:
+        raise ValueError("compressor= must be the controller's own gradients compressor (its decisions set that "
+                         "one's per-layer specs); leave it out to use controller.gradients")  # fmt: skip
+    if len(controller.params) != len(params) or any(a is not b for a, b in zip(controller.params, params, strict=False)):
+        raise ValueError(f"the controller's {len(controller.params)} parameters must be the model's {len(params)} "
+                         "trainable parameters in order (its layer keys are their positions): build it over "
+                         "[p for p in model.parameters() if p.requires_grad]")  # fmt: skip
+    return controller.gradients, controller.observe
+
+
+def enable_gradient_release(model: torch.nn.Module, optimizer: CodecOptimizer, compressor=None, observer=None,
+                            controller=None) -> GradientRelease:  # fmt: skip
     """Step ``optimizer`` per parameter during ``backward()`` and free each gradient; see the module doc.
-    ``compressor`` (default None) compresses each gradient before its step, with its error feedback."""
-    return GradientRelease(model, optimizer, compressor)
+    ``compressor`` (default None) compresses each gradient before its step, with its error feedback;
+    ``observer`` / ``controller`` (default None) as ``GradientRelease``'s."""
+    return GradientRelease(model, optimizer, compressor, observer=observer, controller=controller)
