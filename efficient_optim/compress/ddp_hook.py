@@ -23,7 +23,8 @@ DDP rebuilds its buckets once, after the first iteration; so, as PowerSGD's hook
 Buckets are keyed by the positions of their parameters in the model, so a residual follows a set of
 parameters, not a bucket number; a residual whose bucket no longer exists is dropped at the end of the
 iteration (``dropped`` counts them; 0 in a normal run, tested). ``report()["per_iteration"]`` gives the bytes
-of every iteration (what this rank put in its payloads or plain buckets, and what it sent).
+of each of the last ``keep_iterations`` iterations (what this rank put in its payloads or plain buckets,
+what it sent, and each bucket's compressor).
 
 **With a controller** (``controller=``, any ``compress.Controller``): the controller's layers are the model's
 parameters (matched by identity), its buckets hold several of them, so each bucket is compressed with the
@@ -41,6 +42,7 @@ per-layer gradient state (the residuals are per bucket).
 """
 
 import threading
+from collections import deque
 
 import torch
 import torch.distributed as dist
@@ -69,12 +71,15 @@ class CompressionHookState:
             set each bucket's compressor and which observes every reduced gradient (module doc; default None:
             every bucket uses ``compressor``). Needs ``compressor`` to be an ``ErrorFeedback`` or
             ``NoFeedback`` (or a plain ``Compressor``).
+        keep_iterations: how many of the latest iterations ``per_iteration`` keeps (default 1000).
     """
 
     def __init__(self, compressor: GradientCompressor | Compressor, process_group=None, params=None,
-                 start_iteration: int = 1, controller=None):  # fmt: skip
+                 start_iteration: int = 1, controller=None, keep_iterations: int = 1000):  # fmt: skip
         if isinstance(start_iteration, bool) or not isinstance(start_iteration, int) or start_iteration < 0:
             raise ValueError(f"start_iteration must be an integer >= 0, got {start_iteration!r}")
+        if isinstance(keep_iterations, bool) or not isinstance(keep_iterations, int) or keep_iterations < 1:
+            raise ValueError(f"keep_iterations must be an integer >= 1, got {keep_iterations!r}")
         self.compressor = as_gradient_compressor(compressor)
         self.controller = controller
         self._layer: dict[int, int] = {}  # id(parameter) -> the controller's key for it
@@ -91,7 +96,7 @@ class CompressionHookState:
         self._specs: dict[str, Compressor] = {}  # spec -> its compressor (parsed once)
         self._lock = threading.Lock()  # collective callbacks may run on the process group's threads
         self.switches = 0  # times a bucket's compressor changed (a controller decision reached the wire)
-        self.per_iteration: list[dict] = []  # one record per finished iteration (report()["per_iteration"])
+        self.per_iteration: deque = deque(maxlen=keep_iterations)  # one record per finished iteration
         self._marks = (0, 0)  # payload_bytes, plain_bytes at the start of the current iteration
         self._buckets: list = []  # the current iteration's [bucket key, compressor description]
         self.process_group = process_group
@@ -167,7 +172,9 @@ class CompressionHookState:
         """Bytes so far on this rank: ``payload_bytes`` (compressed buckets, flags included), ``plain_bytes``
         (buckets all-reduced uncompressed), ``dense_bytes`` (every bucket uncompressed); ``sent_bytes`` is what
         this rank sends (ring all-gather of the payloads + ring all-reduce of the plain buckets) and
-        ``sent_bytes_allreduce`` what plain all-reduce of every bucket would send; ``wire_ratio`` is their ratio."""
+        ``sent_bytes_allreduce`` what plain all-reduce of every bucket would send; ``wire_ratio`` is their ratio;
+        ``switches``: times a bucket's compressor changed (controller decisions); ``per_iteration``: per recent
+        iteration, its ``payload_bytes``, ``plain_bytes``, ``sent_bytes`` and ``buckets`` ([positions, compressor])."""
         w = self.world_size or 1
         ring = 2 * (w - 1) / w
         sent = (w - 1) * self.payload_bytes + ring * self.plain_bytes
