@@ -81,6 +81,18 @@ def test_nonfinite_scan_matches_isfinite():
         assert k.any_nonfinite_f32(u)
 
 
+def test_multi_tensor_nonfinite_scan_names_the_first_bad_tensor():
+    k = load_cpu_kernels()
+    ts = [torch.randn(n) for n in (0, 5, 70_000, 200_003, 3)]
+    assert k.first_nonfinite_f32(ts) == -1 and k.first_nonfinite_f32([]) == -1
+    for bad_tensor, at in ((2, 65_537), (3, 200_002), (4, 0)):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            us = [t.clone() for t in ts]
+            us[bad_tensor][at] = bad
+            us[-1][1] = float("nan")  # a later bad tensor does not hide the first
+            assert k.first_nonfinite_f32(us) == bad_tensor
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("m_map,v_map", [("linear", "linear_nozero"), ("softsign", "sqrt_nozero"), ("sqrt", "sqrt_nozero")])
 def test_fused_4bit_register_path_matches_reference(m_map, v_map, rounding):

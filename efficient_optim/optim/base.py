@@ -342,8 +342,17 @@ class CodecOptimizer(torch.optim.Optimizer):
     def _first_nonfinite(work) -> int | None:
         kernels = load_cpu_kernels()
 
+        def plain(g: torch.Tensor) -> bool:
+            return (kernels is not None and not sharded.is_dtensor(g) and g.device.type == "cpu"
+                    and g.dtype == torch.float32 and g.is_contiguous())  # fmt: skip
+
+        items = [(index, g) for _, group_items in work for index, _, g in group_items]
+        if items and all(plain(g) for _, g in items):  # one kernel call for the whole model
+            pos = kernels.first_nonfinite_f32([g for _, g in items])
+            return None if pos < 0 else items[pos][0]
+
         def bad(g: torch.Tensor) -> bool:
-            if kernels is not None and g.device.type == "cpu" and g.dtype == torch.float32 and g.is_contiguous():
+            if plain(g):
                 return bool(kernels.any_nonfinite_f32(g))
             return not bool(torch.isfinite(g).all())
 
