@@ -41,11 +41,10 @@ inline __m512 draws512(uint32_t first, uint32_t salt, const Consts512& k) {
   return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(1.0f / 16777216.0f));
 }
 
-// x * inv clamped to the map's range (the scalar path's u; x is finite, so min/max clamp alike). A -0.0 may stay:
-// every comparison below treats it as +0.0, and the closed forms test the sign with u < 0.
-inline __m512 normalized512(const float* x, __m512 inv, __m512 lo, __m512 hi) {
-  return _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x), inv), lo), hi);
-}
+// The encoders below take u = x * inv unclamped: a value beyond the first or last level (by rounding, or below
+// the first level of a zero-free map) gets the code the clamped value gets (the nearest search counts no
+// midpoint / every midpoint; the floor index is clamped and its draw cannot move it past the end), so the
+// scalar path's clamp is not repeated. A -0.0 is treated as +0.0 everywhere (comparisons, and u < 0 tests).
 
 inline __m512i clamp512(__m512i v, __m512i lo, __m512i hi) { return _mm512_min_epi32(_mm512_max_epi32(v, lo), hi); }
 
@@ -57,8 +56,7 @@ inline __m512 level512(const MapView& m, __m512i k) {
     return _mm512_mul_ps(t, t);
   }
   const __m512 jf = _mm512_cvtepi32_ps(_mm512_sub_epi32(k, _mm512_set1_epi32(m.half)));
-  const __m512 l = _mm512_mul_ps(_mm512_mul_ps(jf, _mm512_abs_ps(jf)), _mm512_set1_ps(m.coef));
-  return _mm512_min_ps(_mm512_max_ps(l, _mm512_set1_ps(-1.0f)), _mm512_set1_ps(1.0f));
+  return _mm512_mul_ps(_mm512_mul_ps(jf, _mm512_abs_ps(jf)), _mm512_set1_ps(m.coef));  // |level| <= 1: no clamp
 }
 
 // Levels are evenly spaced in the root coordinate r = n sqrt(u) (sqrt_nozero: level j at r = j + 1) or
@@ -77,7 +75,7 @@ inline __m512 root_magnitude512(__m512 a, float scale_r) {
 
 constexpr float kRootUp = 1.0f + 1.0f / 4096.0f, kRootDown = 1.0f - 1.0f / 4096.0f;
 
-// Nearest codes of 16 values of a closed-form map (u already clamped to the map's range).
+// Nearest codes of 16 values of a closed-form map.
 template <int FORM>
 inline __m512i nearest_closed512(const MapView& m, __m512 u, const Consts512& k) {
   const __m512 one = _mm512_set1_ps(1.0f);
@@ -99,8 +97,7 @@ inline __m512i nearest_closed512(const MapView& m, __m512 u, const Consts512& k)
   const __m512 j = _mm512_min_ps(r, _mm512_set1_ps(static_cast<float>(m.half)));
   const __m512 jm = _mm512_sub_ps(j, one), c = _mm512_set1_ps(m.coef);
   // square_level of magnitudes j - 1 and j (non-negative, <= 1 up to the clamp at h)
-  const __m512 lj = _mm512_min_ps(_mm512_mul_ps(_mm512_mul_ps(j, j), c), one);
-  const __m512 ljm = _mm512_min_ps(_mm512_mul_ps(_mm512_mul_ps(jm, jm), c), one);
+  const __m512 lj = _mm512_mul_ps(_mm512_mul_ps(j, j), c), ljm = _mm512_mul_ps(_mm512_mul_ps(jm, jm), c);
   const __m512 mid = _mm512_mul_ps(_mm512_add_ps(ljm, lj), k.half_f);
   const __mmask16 neg = _mm512_cmp_ps_mask(u, k.fzero, _CMP_LT_OQ);
   const __mmask16 below = _mm512_cmp_ps_mask(a, mid, _CMP_LT_OQ) | (neg & _mm512_cmp_ps_mask(a, mid, _CMP_EQ_OQ));
@@ -215,12 +212,11 @@ template <int BITS, typename Encode16>
 inline int64_t encode_loop512(StateView& s, const float* __restrict x, int64_t start, int64_t len, float scale,
                               Encode16 encode16) {
   const __m512 inv = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
-  const __m512 lo = _mm512_set1_ps(s.map.lo), hi = _mm512_set1_ps(s.map.hi);
   uint8_t* codes = s.codes + (BITS == 8 ? start : start >> 1);
   int64_t i = 0;
   for (; i + 16 <= len; i += 16)
     store_codes512<BITS>(codes + (BITS == 8 ? i : i >> 1),
-                         encode16(normalized512(x + i, inv, lo, hi), static_cast<uint32_t>(start + i)));
+                         encode16(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv), static_cast<uint32_t>(start + i)));
   return i;
 }
 

@@ -143,7 +143,7 @@ inline void detect_form(MapView& m) {
   if (m.is_signed && (n == 15 || n == 255)) {
     const int h = (n - 1) / 2;
     const float c = 1.0f / static_cast<float>(h * h);
-    bool ok = true;
+    bool ok = static_cast<float>(h * h) * c <= 1.0f;  // then the clamp never acts: the vector paths omit it
     for (int k = 0; k < n && ok; ++k) ok = same_bits(m.levels[k], square_level(k, h, c));
     if (ok) {
       m.form = kSquareSigned;
