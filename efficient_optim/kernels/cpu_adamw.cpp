@@ -343,6 +343,17 @@ void dequantize_into(torch::Tensor codes, torch::Tensor scales, torch::Tensor le
   });
 }
 
+// Whether b[s .. e) (fp32 bit patterns) holds a NaN or Inf: the largest exponent field, an unsigned max
+// reduction that vectorizes (the scan runs at memory speed).
+inline bool has_nonfinite(const uint32_t* __restrict b, int64_t s, int64_t e) {
+  uint32_t top = 0;
+  for (int64_t i = s; i < e; ++i) {
+    const uint32_t x = b[i] & 0x7F800000u;
+    top = x > top ? x : top;
+  }
+  return top == 0x7F800000u;
+}
+
 // True if any element of the fp32 tensor is NaN or Inf (checked on the bit pattern).
 bool any_nonfinite_f32(torch::Tensor t) {
   TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(), "expects a contiguous fp32 tensor");
@@ -354,9 +365,7 @@ bool any_nonfinite_f32(torch::Tensor t) {
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t s = c * chunk, e = std::min(n, s + chunk);
-      uint32_t acc = 0;
-      for (int64_t i = s; i < e; ++i) acc |= ((b[i] & 0x7F800000u) == 0x7F800000u);
-      found[c] = static_cast<uint8_t>(acc);
+      found[c] = static_cast<uint8_t>(has_nonfinite(b, s, e));
     }
   });
   for (auto f : found)
@@ -380,9 +389,7 @@ int64_t first_nonfinite_f32(std::vector<torch::Tensor> ts) {
       const torch::Tensor& x = ts[parts[c].first];
       const uint32_t* b = reinterpret_cast<const uint32_t*>(x.data_ptr<float>());
       const int64_t s = parts[c].second, e = std::min(x.numel(), s + chunk);
-      uint32_t acc = 0;
-      for (int64_t i = s; i < e; ++i) acc |= ((b[i] & 0x7F800000u) == 0x7F800000u);
-      found[c] = static_cast<uint8_t>(acc);
+      found[c] = static_cast<uint8_t>(has_nonfinite(b, s, e));
     }
   });
   for (size_t c = 0; c < parts.size(); ++c)
