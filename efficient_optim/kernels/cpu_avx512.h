@@ -33,12 +33,17 @@ inline __m512i fmix32_512(__m512i h) {
   return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
 }
 
-// Uniform draws in [0, 1) of elements first .. first + 15 (the scalar path's hash and scaling).
-inline __m512 draws512(uint32_t first, uint32_t salt, const Consts512& k) {
+// The hash input of elements first .. first + 15: index * golden + salt (the scalar path's counter hash); the
+// next 16 elements' input is this plus 16 * golden (wrapping), so the encode loop adds instead of multiplying.
+inline __m512i hash_input512(uint32_t first, uint32_t salt, const Consts512& k) {
   const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(first)), k.lane);
-  const __m512i h = fmix32_512(_mm512_add_epi32(_mm512_mullo_epi32(idx, _mm512_set1_epi32(static_cast<int32_t>(kGolden))),
-                                                _mm512_set1_epi32(static_cast<int32_t>(salt))));
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(1.0f / 16777216.0f));
+  return _mm512_add_epi32(_mm512_mullo_epi32(idx, _mm512_set1_epi32(static_cast<int32_t>(kGolden))),
+                          _mm512_set1_epi32(static_cast<int32_t>(salt)));
+}
+
+// Uniform draws in [0, 1) from hash inputs (the scalar path's mixing and scaling).
+inline __m512 draws512(__m512i hash_in) {
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(fmix32_512(hash_in), 8)), _mm512_set1_ps(1.0f / 16777216.0f));
 }
 
 // The encoders below take u = x * inv unclamped: a value beyond the first or last level (by rounding, or below
@@ -79,7 +84,7 @@ constexpr float kRootUp = 1.0f + 1.0f / 4096.0f, kRootDown = 1.0f - 1.0f / 4096.
 template <int FORM>
 inline __m512i nearest_closed512(const MapView& m, __m512 u, const Consts512& k) {
   const __m512 one = _mm512_set1_ps(1.0f);
-  if (FORM == kSqrtUnsigned) {  // u >= the first level > 0; index = r - 1, in floats (exact small integers)
+  if (FORM == kSqrtUnsigned) {  // u >= 0 (v); index = r - 1, in floats (exact small integers)
     const __m512 r = _mm512_roundscale_ps(root_magnitude512(u, static_cast<float>(m.half) * kRootUp),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 c1 = _mm512_min_ps(_mm512_max_ps(r, one), _mm512_set1_ps(static_cast<float>(m.half)));  // c + 1
@@ -108,7 +113,7 @@ inline __m512i nearest_closed512(const MapView& m, __m512 u, const Consts512& k)
 
 // Stochastic codes of 16 values of a closed-form map: floor index, then up with probability (u - lo) / (hi - lo).
 template <int FORM>
-inline __m512i stochastic_closed512(const MapView& m, __m512 u, uint32_t first, uint32_t salt, const Consts512& k) {
+inline __m512i stochastic_closed512(const MapView& m, __m512 u, __m512i hash_in, const Consts512& k) {
   const __m512i last = _mm512_set1_epi32(m.num_levels - 1);
   const __mmask16 neg = _mm512_cmp_ps_mask(u, k.fzero, _CMP_LT_OQ);
   const __m512 a = _mm512_abs_ps(u);
@@ -125,14 +130,14 @@ inline __m512i stochastic_closed512(const MapView& m, __m512 u, uint32_t first, 
   const __m512i hi = _mm512_min_epi32(_mm512_add_epi32(lo, k.one), last);
   const __m512 l_lo = _mm512_mask_blend_ps(down, l_c, l_below);
   const __m512 l_hi = _mm512_mask_blend_ps(down, _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(hi, c), l_above, l_c), l_c);
-  const __m512 draw = draws512(first, salt, k);
+  const __m512 draw = draws512(hash_in);
   const __mmask16 go_up = _mm512_cmp_ps_mask(_mm512_mul_ps(draw, _mm512_sub_ps(l_hi, l_lo)), _mm512_sub_ps(u, l_lo), _CMP_LT_OQ);
   return _mm512_mask_blend_epi32(go_up, lo, hi);
 }
 
 template <int FORM, bool STOCHASTIC>
-inline __m512i encode_closed512(const MapView& m, __m512 u, uint32_t first, uint32_t salt, const Consts512& k) {
-  if (STOCHASTIC) return stochastic_closed512<FORM>(m, u, first, salt, k);
+inline __m512i encode_closed512(const MapView& m, __m512 u, __m512i hash_in, const Consts512& k) {
+  if (STOCHASTIC) return stochastic_closed512<FORM>(m, u, hash_in, k);
   return nearest_closed512<FORM>(m, u, k);
 }
 
@@ -166,7 +171,7 @@ inline __m512i count_le512(__m512 search, __m512 u) {
 }
 
 template <bool STOCHASTIC>
-inline __m512i encode_small512(const MapView& m, const Small512& t, __m512 u, uint32_t first, uint32_t salt,
+inline __m512i encode_small512(const MapView& m, const Small512& t, __m512 u, __m512i hash_in,
                                const Consts512& k) {
   const __m512i cnt = count_le512(t.search, u);
   if (!STOCHASTIC) return cnt;
@@ -174,7 +179,7 @@ inline __m512i encode_small512(const MapView& m, const Small512& t, __m512 u, ui
   const __m512i lo = _mm512_max_epi32(_mm512_sub_epi32(cnt, k.one), k.zero);
   const __m512i hi = _mm512_min_epi32(_mm512_add_epi32(lo, k.one), last);
   const __m512 l_lo = _mm512_permutexvar_ps(lo, t.levels), l_hi = _mm512_permutexvar_ps(hi, t.levels);
-  const __m512 r = draws512(first, salt, k);
+  const __m512 r = draws512(hash_in);
   const __mmask16 go_up = _mm512_cmp_ps_mask(_mm512_mul_ps(r, _mm512_sub_ps(l_hi, l_lo)), _mm512_sub_ps(u, l_lo), _CMP_LT_OQ);
   return _mm512_mask_blend_epi32(go_up, lo, hi);
 }
@@ -207,16 +212,17 @@ struct State512 {
   explicit State512(const StateView& s) : table(s.map, s.stochastic) {}
 };
 
-// Encode 16 values at a time with `encode16(u, first element)`: codes stored straight into the state.
+// Encode 16 values at a time with `encode16(u, hash inputs)`: codes stored straight into the state.
 template <int BITS, typename Encode16>
-inline int64_t encode_loop512(StateView& s, const float* __restrict x, int64_t start, int64_t len, float scale,
-                              Encode16 encode16) {
+inline int64_t encode_loop512(StateView& s, const Consts512& k, const float* __restrict x, int64_t start, int64_t len,
+                              float scale, Encode16 encode16) {
   const __m512 inv = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+  const __m512i hash_step = _mm512_set1_epi32(static_cast<int32_t>(16u * kGolden));
+  __m512i hash_in = hash_input512(static_cast<uint32_t>(start), s.salt, k);
   uint8_t* codes = s.codes + (BITS == 8 ? start : start >> 1);
   int64_t i = 0;
-  for (; i + 16 <= len; i += 16)
-    store_codes512<BITS>(codes + (BITS == 8 ? i : i >> 1),
-                         encode16(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv), static_cast<uint32_t>(start + i)));
+  for (; i + 16 <= len; i += 16, hash_in = _mm512_add_epi32(hash_in, hash_step))
+    store_codes512<BITS>(codes + (BITS == 8 ? i : i >> 1), encode16(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv), hash_in));
   return i;
 }
 
@@ -227,18 +233,17 @@ int64_t encode_block512(StateView& s, const State512& st, const float* __restric
                         float scale) {
   const MapView& m = s.map;
   const Consts512& k = st.k;
-  const uint32_t salt = s.salt;
   if (m.num_levels <= 16)
-    return encode_loop512<BITS>(s, x, start, len, scale, [&](__m512 u, uint32_t first) {
-      return encode_small512<STOCHASTIC>(m, st.table, u, first, salt, k);
+    return encode_loop512<BITS>(s, k, x, start, len, scale, [&](__m512 u, __m512i hash_in) {
+      return encode_small512<STOCHASTIC>(m, st.table, u, hash_in, k);
     });
   if (m.form == kSqrtUnsigned)
-    return encode_loop512<BITS>(s, x, start, len, scale, [&](__m512 u, uint32_t first) {
-      return encode_closed512<kSqrtUnsigned, STOCHASTIC>(m, u, first, salt, k);
+    return encode_loop512<BITS>(s, k, x, start, len, scale, [&](__m512 u, __m512i hash_in) {
+      return encode_closed512<kSqrtUnsigned, STOCHASTIC>(m, u, hash_in, k);
     });
   if (m.form == kSquareSigned)
-    return encode_loop512<BITS>(s, x, start, len, scale, [&](__m512 u, uint32_t first) {
-      return encode_closed512<kSquareSigned, STOCHASTIC>(m, u, first, salt, k);
+    return encode_loop512<BITS>(s, k, x, start, len, scale, [&](__m512 u, __m512i hash_in) {
+      return encode_closed512<kSquareSigned, STOCHASTIC>(m, u, hash_in, k);
     });
   return 0;
 }
