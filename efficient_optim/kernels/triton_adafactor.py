@@ -5,7 +5,8 @@ an optional first moment (block-quantized or dense fp32) in six launches, no res
 
 1. ``_stats_kernel`` over tiles of ``ROWS`` x ``COLS``: ``sq = g*g + eps1``; per tile the row sums, the column
    sums and (to scale the step by the parameter's RMS) the sum of ``p*p``, each a pairwise tree;
-2. ``_finish_kernel``: each row's tile sums and each column's chunk sums added in order, divided in fp64;
+2. ``row_col_means_kernel`` (triton_common): each row's tile sums and each column's chunk sums added in order,
+   divided in fp64;
 3. ``_vector_kernel`` (one program): the new row and column statistics, their means, the reciprocal square
    roots ``a`` (rows) and ``b`` (columns) of the factored estimate, and what the state stores;
 4. ``_update_sq_kernel``: per tile the sum of ``u*u`` for ``u = (a_i b_j) g_ij`` (the update's RMS);
@@ -35,6 +36,7 @@ from .triton_common import (
     encode_tile,
     launch,
     map_args,
+    row_col_means_kernel,
     salt_i32,
     scales_view,
     tile_indices,
@@ -92,25 +94,6 @@ def _stats_kernel(p_ptr, g_ptr, row_part, col_part, p_part, R, C, num_tiles, eps
         p = tl.load(p_ptr + index, mask=mask, other=0.0).to(tl.float64)
         part = p_part + chunk.to(tl.int64) * num_tiles + tile + tl.full([1], 0, tl.int64)
         tl.store(part, tree_all(p * p, M, N, LOG_M, LOG_N))
-
-
-@triton.jit(do_not_specialize=["R", "C", "num_tiles", "num_chunks"])
-def _finish_kernel(row_part, col_part, msq_row, msq_col, R, C, num_tiles, num_chunks, TILE: tl.constexpr):
-    """Each row's tile sums in tile order and each column's chunk sums in chunk order (fp64, from 0), divided
-    by the row length / column height and rounded to fp32: the means of ``g*g + eps1``."""
-    k = tl.program_id(0) * TILE + tl.arange(0, TILE)
-    rows = k < R
-    acc = tl.full([TILE], 0, tl.float64)
-    for t in range(num_tiles):
-        acc += tl.load(row_part + k.to(tl.int64) * num_tiles + t, mask=rows, other=0.0)
-    tl.store(msq_row + k, (acc / C.to(tl.float64)).to(tl.float32), mask=rows)
-    cols = k < C
-    acc = tl.full([TILE], 0, tl.float64)
-    part = col_part + k.to(tl.int64)
-    for _ in range(num_chunks):
-        acc += tl.load(part, mask=cols, other=0.0)
-        part += C
-    tl.store(msq_col + k, (acc / R.to(tl.float64)).to(tl.float32), mask=cols)
 
 
 @triton.jit
@@ -317,8 +300,8 @@ def adafactor_factored_step(p, g, row, col, v_eps, hp: AdafactorScalars, *, m_de
     launch(_stats_kernel, (chunks, tiles), dict(p_ptr=p, g_ptr=g, row_part=row_part, col_part=col_part,
            p_part=p_part, R=R, C=C, num_tiles=tiles, eps1=float(c["eps1"])),
            dict(G_DTYPE=g_dtype, SCALE_P=bool(hp.scale_parameter), **tile), ROWS * COLS)  # fmt: skip
-    launch(_finish_kernel, (triton.cdiv(max(R, C), VEC_TILE),), dict(row_part=row_part, col_part=col_part,
-           msq_row=msq_row, msq_col=msq_col, R=R, C=C, num_tiles=tiles, num_chunks=chunks),
+    launch(row_col_means_kernel, (triton.cdiv(max(R, C), VEC_TILE),), dict(row=msq_row, col=msq_col,
+           row_part=row_part, col_part=col_part, R=R, C=C, num_tiles=tiles, num_chunks=chunks),
            dict(TILE=VEC_TILE), VEC_TILE)  # fmt: skip
     launch(_vector_kernel, (1,), dict(row=row, col=col, new_row=msq_row, new_col=msq_col, a_out=a, b_out=b, R=R,
            C=C, beta2t=float(c["beta2t"]), one_minus=float(c["one_minus"]), v_eps=float(np.float32(v_eps))),

@@ -391,3 +391,23 @@ def tile_indices(first_block, numel, block_size, BPP: tl.constexpr, BSP2: tl.con
     mask_b = block < nblocks
     mask = mask_b & (col < block_size) & (index < numel)
     return block, index, mask, mask_b
+
+
+@triton.jit(do_not_specialize=["R", "C", "num_tiles", "num_chunks"])
+def row_col_means_kernel(row, col, row_part, col_part, R, C, num_tiles, num_chunks, TILE: tl.constexpr):
+    """Row means (each row's ``num_tiles`` partial sums added in tile order) and column means (each column's
+    ``num_chunks`` partial sums added in chunk order), float64 divided by the row length / column height and
+    rounded to fp32 into ``row`` (R) and ``col`` (C). Shared by HybridAdam's and Adafactor's factored steps."""
+    k = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    rows = k < R
+    acc = tl.full([TILE], 0, tl.float64)
+    for t in range(num_tiles):
+        acc += tl.load(row_part + k.to(tl.int64) * num_tiles + t, mask=rows, other=0.0)
+    tl.store(row + k, (acc / C.to(tl.float64)).to(tl.float32), mask=rows)
+    cols = k < C
+    acc = tl.full([TILE], 0, tl.float64)
+    part = col_part + k.to(tl.int64)
+    for _ in range(num_chunks):
+        acc += tl.load(part, mask=cols, other=0.0)
+        part += C
+    tl.store(col + k, (acc / R.to(tl.float64)).to(tl.float32), mask=cols)

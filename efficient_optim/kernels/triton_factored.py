@@ -33,6 +33,7 @@ from .triton_common import (
     launch,
     map_args,
     reduce_sum,
+    row_col_means_kernel,
     salt_i32,
     scales_view,
 )
@@ -100,25 +101,6 @@ def _factored_kernel(
     tl.store(col_part + chunk.to(tl.int64) * C + j, col_sum, mask=col_mask)
 
 
-@triton.jit(do_not_specialize=["R", "C", "num_tiles", "num_chunks"])
-def _finish_kernel(row, col, row_part, col_part, R, C, num_tiles, num_chunks, TILE: tl.constexpr):
-    """New row means (sum of each row's tile sums, in tile order) and column means (sum of the chunks'
-    column sums, in chunk order), float64 divided and rounded to fp32."""
-    k = tl.program_id(0) * TILE + tl.arange(0, TILE)
-    rows = k < R
-    acc = tl.full([TILE], 0, tl.float64)
-    for t in range(num_tiles):
-        acc += tl.load(row_part + k.to(tl.int64) * num_tiles + t, mask=rows, other=0.0)
-    tl.store(row + k, (acc / C.to(tl.float64)).to(tl.float32), mask=rows)
-    cols = k < C
-    acc = tl.full([TILE], 0, tl.float64)
-    part = col_part + k.to(tl.int64)
-    for _ in range(num_chunks):
-        acc += tl.load(part, mask=cols, other=0.0)
-        part += C
-    tl.store(col + k, (acc / R.to(tl.float64)).to(tl.float32), mask=cols)
-
-
 def adamw_quantized_factored_step(p, g, m_codes, m_scales, m_tables, m_geometry, m_signed, m_bits, m_stochastic,
                                   m_salt, block_size, row, col, row_eps, lr, beta1, beta2, eps, weight_decay,
                                   step_size, sqrt_bc2) -> None:  # fmt: skip
@@ -168,6 +150,6 @@ def adamw_quantized_factored_step(p, g, m_codes, m_scales, m_tables, m_geometry,
                 step_size=float(np.float32(step_size)), inv_sqrt_bc2=inverse_sqrt_bc2(sqrt_bc2))  # fmt: skip
     const.update(M_STOCH=bool(m_stochastic), M_BF16=bf16, CHUNK=CHUNK_ROWS, NBT=nbt, BSP2=bsp2)
     launch(_factored_kernel, (num_chunks, num_tiles), args, const, nbt * bsp2)
-    launch(_finish_kernel, (triton.cdiv(max(R, C), SUM_TILE),),
+    launch(row_col_means_kernel, (triton.cdiv(max(R, C), SUM_TILE),),
            dict(row=row, col=col, row_part=row_part, col_part=col_part, R=R, C=C, num_tiles=num_tiles,
                 num_chunks=num_chunks), dict(TILE=SUM_TILE), SUM_TILE)  # fmt: skip
