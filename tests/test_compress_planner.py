@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from test_compress_controller import DATA, make_model  # the same small model and batches
 
 import efficient_optim as eo
 from efficient_optim.compress import (
@@ -25,16 +26,6 @@ from efficient_optim.compress import (
 )
 from efficient_optim.compress.features import decoded_momentum
 from efficient_optim.compress.planner import relative_error
-
-
-def make_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64), torch.nn.GELU(),
-                               torch.nn.Linear(64, 4))  # fmt: skip
-
-
-DATA = [(torch.randn(8, 64, generator=torch.Generator().manual_seed(i)),
-         torch.randn(8, 4, generator=torch.Generator().manual_seed(100 + i))) for i in range(8)]  # fmt: skip
 
 
 def run_planner(bytes_per_param, steps=4, every=2):
