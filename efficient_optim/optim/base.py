@@ -14,13 +14,13 @@ from collections import OrderedDict
 
 import torch
 
-from ..kernels.cpu import load_cpu_kernels
 from ..kernels.dispatch import master_weight
 from ..policy.policies import Policy
 from ..policy.specs import resolve_codec
 from ..quant.rounding import mix_salt
 from ..state import StateCodec, sharded
 from . import master_weights
+from .nonfinite import first_nonfinite
 from .plans import Plan, adopt_legacy_layout, export_plans, load_plan, make_plan, param_info, transcode
 from .validation import check_positive
 
@@ -287,7 +287,7 @@ class CodecOptimizer(torch.optim.Optimizer):
         self._released.add(param)
         group, index = self._param_index(param)
         work = [(group, [(index, param, -param.grad if group["maximize"] else param.grad)])]
-        if self._first_nonfinite(work) is not None:
+        if first_nonfinite(work) is not None:
             if self.defaults.get("nonfinite", "skip") == "raise":
                 raise FloatingPointError(f"{type(self).__name__}: gradient of parameter #{index} contains NaN or Inf")
             self.skipped_steps += 1
@@ -321,7 +321,7 @@ class CodecOptimizer(torch.optim.Optimizer):
                     items.append((index, p, -g if group["maximize"] else g))
                 index += 1
             work.append((group, items))
-        bad = self._first_nonfinite(work)
+        bad = first_nonfinite(work)
         if bad is not None:
             policy = self.defaults.get("nonfinite", "skip")
             if policy == "raise":
@@ -337,27 +337,6 @@ class CodecOptimizer(torch.optim.Optimizer):
             )
             return loss, None
         return loss, work
-
-    @staticmethod
-    def _first_nonfinite(work) -> int | None:
-        kernels = load_cpu_kernels()
-
-        def plain(g: torch.Tensor) -> bool:
-            return (kernels is not None and not sharded.is_dtensor(g) and g.device.type == "cpu"
-                    and g.dtype == torch.float32 and g.is_contiguous())  # fmt: skip
-
-        items = [(index, g) for _, group_items in work for index, _, g in group_items]
-        if items and all(plain(g) for _, g in items):  # one kernel call for the whole model
-            pos = kernels.first_nonfinite_f32([g for _, g in items])
-            return None if pos < 0 else items[pos][0]
-
-        def bad(g: torch.Tensor) -> bool:
-            if plain(g):
-                return bool(kernels.any_nonfinite_f32(g))
-            return not bool(torch.isfinite(g).all())
-
-        # DTensor (FSDP2) gradients: each rank checks its shard and all ranks agree (state/sharded.py)
-        return sharded.first_nonfinite(work, bad)
 
     def _init_or_check_state(self, p: torch.Tensor, group: dict, codecs: dict[str, StateCodec], index: int) -> dict:
         state = self.state[p]
