@@ -1,11 +1,12 @@
 // AVX-512 encoders and decoders of one block, 16 values at a time, without table gathers where the map
 // allows it (cpu_maps.h):
 //   - closed-form maps (kSqrtUnsigned, kSquareSigned): the level index comes from an approximate square root
-//     (rsqrt14, relative error < 2^-14), then one exact comparison on each side against levels / midpoints the
-//     kernel computes bit for bit as the table holds them, so the code is the table path's code;
+//     (rsqrt14, relative error < 2^-14), then one exact comparison against a level or midpoint the kernel
+//     computes bit for bit as the table holds them, so the code is the table path's code;
 //   - maps of at most 16 levels (every 4-bit map): levels and midpoints held in one register each, a 4-step
 //     binary search with in-register permutes;
-//   - 8-bit table maps (dynamic, ...): left to the scalar decoder and the AVX2 table encoder (cpu_codec.h).
+//   - 8-bit table maps (dynamic, ...): nearest rounding through the bucket tables with 16-lane gathers; decoding
+//     and stochastic rounding left to the scalar decoder and the AVX2 table encoder (cpu_codec.h).
 // Each function handles whole groups of 16 and returns how many values it handled; the caller finishes the tail
 // with the scalar table path. Nearest = number of midpoints <= u (ties round up); stochastic = floor index,
 // then up with probability (u - lo) / (hi - lo), the draw from the element's flat index (same hash).
@@ -184,6 +185,26 @@ inline __m512i encode_small512(const MapView& m, const Small512& t, __m512 u, __
   return _mm512_mask_blend_epi32(go_up, lo, hi);
 }
 
+// Nearest codes of 16 values of an 8-bit table map (dynamic, ...): the midpoint bucket table's count, then one
+// comparison with the midpoint it points at (cpu_codec.h's encode_values, 16 lanes; two gathers).
+inline __m512i nearest_table512(const MapView& m, __m512 u) {
+  u = _mm512_add_ps(_mm512_min_ps(_mm512_max_ps(u, _mm512_set1_ps(m.lo)), _mm512_set1_ps(m.hi)), _mm512_setzero_ps());
+  const __m512i b = _mm512_castps_si512(u);
+  __m512i e = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 23), _mm512_set1_epi32(0xFF)),
+                               _mm512_set1_epi32(127 - m.mid_exp_range));
+  __m512i mant = _mm512_srli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFF)), 23 - m.mid_mant_bits);
+  mant = _mm512_maskz_mov_epi32(_mm512_cmpge_epi32_mask(e, _mm512_setzero_si512()), mant);
+  e = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_setzero_si512()), _mm512_set1_epi32(m.mid_exp_range));
+  __m512i key = _mm512_add_epi32(_mm512_sllv_epi32(e, _mm512_set1_epi32(m.mid_mant_bits)), mant);
+  if (m.is_signed) {
+    const __mmask16 neg = _mm512_test_epi32_mask(b, _mm512_set1_epi32(static_cast<int32_t>(0x80000000u)));
+    key = _mm512_mask_add_epi32(key, neg, key, _mm512_set1_epi32((m.mid_exp_range + 1) << m.mid_mant_bits));
+  }
+  const __m512i cnt = _mm512_i32gather_epi32(key, m.mid_lut, 4);
+  const __m512 mid = _mm512_i32gather_ps(cnt, m.mids, 4);
+  return _mm512_mask_add_epi32(cnt, _mm512_cmp_ps_mask(mid, u, _CMP_LE_OQ), cnt, _mm512_set1_epi32(1));
+}
+
 // Store 16 codes: 16 bytes (8-bit) or 8 bytes of two nibbles each, the even element in the low nibble (4-bit).
 template <int BITS>
 inline void store_codes512(uint8_t* dst, __m512i codes) {
@@ -245,6 +266,8 @@ int64_t encode_block512(StateView& s, const State512& st, const float* __restric
     return encode_loop512<BITS>(s, k, x, start, len, scale, [&](__m512 u, __m512i hash_in) {
       return encode_closed512<kSquareSigned, STOCHASTIC>(m, u, hash_in, k);
     });
+  if (!STOCHASTIC)
+    return encode_loop512<BITS>(s, k, x, start, len, scale, [&](__m512 u, __m512i) { return nearest_table512(m, u); });
   return 0;
 }
 
