@@ -239,3 +239,24 @@ def test_dgc_state_resumes_exactly():
     resumed.load_state_dict(first.state_dict())
     for g, want in zip(grads[2:], outs[2:]):
         assert torch.equal(resumed.roundtrip(7, g), want)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_quantize_through_the_compiled_kernel_equals_the_reference(bits, rounding):
+    """8/4-bit compression of a CPU fp32 tensor takes the compiled quantizer: the same codes, scales and
+    decoded values as the PyTorch reference, and the same refusal of non-finite input."""
+    from efficient_optim.kernels.cpu import load_cpu_kernels
+    from efficient_optim.quant import SCALE_DTYPES, dequantize_blockwise, quantize_blockwise
+
+    if load_cpu_kernels() is None:
+        pytest.skip("the CPU kernel could not be built here")
+    c = Quantize(bits, rounding=rounding)
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(bits)) * torch.logspace(-5, 1, 5000)
+    payload = c.compress(x, salt=5)
+    codes, scales = quantize_blockwise(x, c.qmap, c.block_size, rounding, 5, SCALE_DTYPES[c.scale_dtype])
+    assert torch.equal(payload.tensors["codes"], codes) and torch.equal(payload.tensors["scales"], scales)
+    assert torch.equal(c.decompress(payload), dequantize_blockwise(codes, scales, c.qmap, c.block_size, 5000))
+    x[123] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        c.compress(x)
