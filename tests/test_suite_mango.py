@@ -76,3 +76,20 @@ def test_mango_suite_quick_end_to_end(corpus, tmp_path, capsys, one_thread):
     report = (out / "report.md").read_text()
     assert "### Results: LM" in report and "### Results: CNN" in report and "**One seed**" in report
     assert "### Phases: LM" in report and list(out.glob("phases_*.png"))
+
+
+@pytest.mark.timeout(300)
+def test_planning_the_suite_keeps_third_party_import_chatter_out_of_the_output(tmp_path):
+    """The mango protocol builds a model while planning (its budget is measured on one): what transformers and
+    the optional baselines print at import must go to third_party.log, not the terminal (a fresh process, so
+    nothing is imported yet)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from efficient_optim.bench import suites; from efficient_optim.third_party import ChatterLog, "
+            "chatter_to\nargv = ['mango', '--quick', '--out', sys.argv[1]]\nap, suite = suites._parser(argv)\n"
+            "with chatter_to(ChatterLog()) as log:\n    suites._plan(suite, ap.parse_args(argv), argv)\n"
+            "    log.keep_in(sys.argv[1] + '/third_party.log')\nprint('planned')")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "planned" and run.stderr.strip() == "", run.stdout[-1000:] + run.stderr[-1000:]

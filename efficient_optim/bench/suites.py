@@ -105,8 +105,9 @@ def _plan(suite: Protocol, args: argparse.Namespace, argv: list[str]):
     out = output_folder(args, f"suite/{suite.name}")
     loggers = log_names(args)
     suite.configure(args)
-    plan, missing = suite.plan(base, seeds, args.quick)
-    with quiet("checking the plan: model, data and optimizers"):  # imports transformers, bitsandbytes, ...
+    # a protocol's plan may build a model (mango measures its budget on one): transformers, bitsandbytes, ...
+    with quiet("checking the plan: model, data and optimizers"):
+        plan, missing = suite.plan(base, seeds, args.quick)
         preflight(plan, out, resume=args.resume, log=loggers)  # everything checked before the header
     return base, seeds, out, loggers, plan, missing
 
