@@ -34,7 +34,10 @@ the limit and that minimum, before anything changes.
 
 from __future__ import annotations
 
-from functools import lru_cache
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from functools import lru_cache, wraps
 
 from ..policy.budget import codec_bytes
 from .choice import LayerChoice
@@ -42,6 +45,34 @@ from .dgc import DGC
 from .feedback import ErrorFeedback, NoFeedback
 from .menu import GRAD_BITS, GRAD_SPECS, KEEP_FRACTIONS, MOMENTUM_SPECS, grad_spec, indices_of
 from .specs import parse_compressor
+
+_MEMO: ContextVar[dict | None] = ContextVar("efficient_optim_budget_memo", default=None)
+
+
+@contextlib.contextmanager
+def _memoized() -> Iterator[None]:
+    """Within one projection or byte count, each layer's bytes under each spec are computed once (nothing they
+    depend on changes during the call; a projection asked for them thousands of times)."""
+    token = _MEMO.set({}) if _MEMO.get() is None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _MEMO.reset(token)
+
+
+def _per_call_cache(fn):
+    @wraps(fn)
+    def cached(controller, key: int, spec: str | None = None) -> int:
+        memo = _MEMO.get()
+        if memo is None:
+            return fn(controller, key, spec)
+        k = (fn.__name__, id(controller), key, spec)
+        if k not in memo:
+            memo[k] = fn(controller, key, spec)
+        return memo[k]
+
+    return cached
 
 
 def accountable(gradients) -> bool:
@@ -72,6 +103,7 @@ def grad_controlled(controller) -> bool:
     return controller.gradients is not None and not isinstance(controller.gradients, DGC)
 
 
+@_per_call_cache
 def grad_bytes(controller, key: int, spec: str | None = None) -> int:
     """``M_grad`` of layer ``key`` under gradient ``spec`` (None: its compressor now); see the module doc."""
     p = controller.params[key]
@@ -90,6 +122,7 @@ def _group_of(optimizer, param):
     raise KeyError("the parameter is not handled by the controller's optimizer")
 
 
+@_per_call_cache
 def momentum_bytes(controller, key: int, spec: str | None = None) -> int:
     """``M_momentum`` of layer ``key`` under momentum ``spec`` (None: its current or requested spec, else the
     optimizer's plan or policy); 0 without an optimizer or a momentum state."""
@@ -152,6 +185,10 @@ class TrainingBudget:
     def breakdown(self, choices: dict, controller) -> dict:
         """``grad``, ``momentum``, ``params``, ``controller`` and ``total`` bytes of M under ``choices``
         (position -> ``LayerChoice``; a layer left out, or a None part, keeps its current setting)."""
+        with _memoized():
+            return self._breakdown(choices, controller)
+
+    def _breakdown(self, choices: dict, controller) -> dict:
         grad = momentum = 0
         for key in range(len(controller.params)):
             choice = choices.get(key) or LayerChoice()
@@ -168,7 +205,10 @@ class TrainingBudget:
     def minimum_bytes(self, controller, choices: dict | None = None) -> int:
         """The smallest M projection can reach from ``choices`` (default: the current settings): every layer
         at its cheapest menu option (or its own choice where that is cheaper)."""
-        choices = choices or {}
+        with _memoized():
+            return self._minimum_bytes(controller, choices or {})
+
+    def _minimum_bytes(self, controller, choices: dict) -> int:
         total = sum(fixed_bytes(controller).values())
         for key in range(len(controller.params)):
             choice = choices.get(key) or LayerChoice()
@@ -198,6 +238,10 @@ class TrainingBudget:
             sensitivity: position -> how much an error in that layer costs (>= 0; default: the controller's
                 ``sensitivity()``, each layer's share of the gradient norm).
         """
+        with _memoized():
+            return self._project(choices, controller, sensitivity)
+
+    def _project(self, choices: dict, controller, sensitivity: dict | None) -> dict:
         limit = self.limit(controller)
         total = self.training_bytes(choices, controller)
         if total <= limit:
