@@ -2,38 +2,32 @@
 //
 // One pass per block of `block_size` elements: decode m and v (level table x block scale), apply the
 // AdamW update to the fp32 parameter, find the new block maxima, round the scales, re-encode both
-// moments through the map's bucket table. No temporaries outside a per-thread block buffer; the inner
-// loops are branch-free so the compiler vectorizes them (AVX2 gathers for the table reads).
+// moments. No temporaries outside a per-thread block buffer.
 //
 // The arithmetic mirrors efficient_optim/quant/blockwise.py (the reference) step by step: same scale
-// rounding, same bucket-table floor index, same counter-based hash for stochastic rounding.
+// rounding, same nearest / floor level index, same counter-based hash for stochastic rounding.
 //
-// The pieces live in headers included only here: cpu_maps.h (map and state views, closed-form maps),
-// cpu_avx512.h (AVX-512 block encoders/decoders), cpu_codec.h (one block's encode/decode, every path).
+// The pieces live in headers included only here: cpu_maps.h (map and state views, closed-form maps, the
+// AdamW scalars), cpu_avx2_closed.h and cpu_avx512.h (the vector paths), cpu_codec.h (one block's
+// encode/decode, every path).
 #include <ATen/Parallel.h>
 
 #include "cpu_codec.h"
 
 namespace {
 
-
 inline void adamw_update(float* __restrict p, const float* __restrict g, float* __restrict m,
-                         float* __restrict v, int64_t len, float beta1, float beta2, float eps, float decay,
-                         float step_size, float sqrt_bc2) {
-  const float inv_sqrt_bc2 = 1.0f / sqrt_bc2;
-  const float one_minus_b1 = 1.0f - beta1;
-  const float one_minus_b2 = 1.0f - beta2;
+                         float* __restrict v, int64_t len, const AdamScalars& a) {
   int64_t i = 0;
 #if defined(EFFOPT_HAVE_AVX512)
-  const AdamScalars a{beta1, beta2, eps, decay, step_size, inv_sqrt_bc2, one_minus_b1, one_minus_b2};
   i = adamw_update512(p, g, m, v, len, a);
 #endif
   for (; i < len; ++i) {
     const float gi = g[i];
-    const float mi = m[i] + one_minus_b1 * (gi - m[i]);
-    const float vi = v[i] * beta2 + one_minus_b2 * (gi * gi);
-    const float denom = std::sqrt(vi) * inv_sqrt_bc2 + eps;
-    p[i] = p[i] * decay - step_size * (mi / denom);
+    const float mi = m[i] + a.one_minus_b1 * (gi - m[i]);
+    const float vi = v[i] * a.beta2 + a.one_minus_b2 * (gi * gi);
+    const float denom = std::sqrt(vi) * a.inv_sqrt_bc2 + a.eps;
+    p[i] = p[i] * a.decay - a.step_size * (mi / denom);
     m[i] = mi;
     v[i] = vi;
   }
@@ -51,20 +45,17 @@ inline uint32_t absmax_bits(const float* __restrict x, int64_t len, uint32_t bes
 // the block) takes the portable loops; both compute the same values.
 template <int MB, int VB>
 void adamw_block(float* p, const float* g, StateView& m, const FastState& mf, StateView& v, const FastState& vf,
-                 int64_t b, int64_t start, int64_t len, float beta1, float beta2, float eps, float decay,
-                 float step_size, float sqrt_bc2, float* mbuf, float* vbuf, int32_t* tmp) {
+                 int64_t b, int64_t start, int64_t len, const AdamScalars& a, float* mbuf, float* vbuf, int32_t* tmp) {
   const float ms = load_scale(m, b), vs = load_scale(v, b);
   int64_t done = 0;
   uint32_t mmax = 0, vmax = 0;
 #if defined(EFFOPT_HAVE_AVX512)
-  const AdamScalars a{beta1, beta2, eps, decay, step_size, 1.0f / sqrt_bc2, 1.0f - beta1, 1.0f - beta2};
   done = adamw_block512<MB, VB>(p + start, g + start, m, mf, v, vf, start, len, ms, vs, a, mbuf, vbuf, &mmax, &vmax);
 #endif
   if (done < len) {
     decode_block<MB>(m, mf, start + done, len - done, ms, mbuf + done);
     decode_block<VB>(v, vf, start + done, len - done, vs, vbuf + done);
-    adamw_update(p + start + done, g + start + done, mbuf + done, vbuf + done, len - done, beta1, beta2, eps, decay,
-                 step_size, sqrt_bc2);
+    adamw_update(p + start + done, g + start + done, mbuf + done, vbuf + done, len - done, a);
     mmax = absmax_bits(mbuf + done, len - done, mmax);
     vmax = absmax_bits(vbuf + done, len - done, vmax);
   }
@@ -79,7 +70,7 @@ void adamw_blocks(float* p, const float* g, StateView m, StateView v, int64_t n,
                   float lr, float beta1, float beta2, float eps, float weight_decay, float step_size,
                   float sqrt_bc2) {
   const int64_t nblocks = (n + block - 1) / block;
-  const float decay = 1.0f - lr * weight_decay;
+  const AdamScalars a(beta1, beta2, eps, 1.0f - lr * weight_decay, step_size, sqrt_bc2);
   at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
     std::vector<float> mbuf(block), vbuf(block);
     std::vector<int32_t> tmp(block);
@@ -87,8 +78,8 @@ void adamw_blocks(float* p, const float* g, StateView m, StateView v, int64_t n,
     const FastState mfast(ml), vfast(vl);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block;
-      adamw_block<MB, VB>(p, g, ml, mfast, vl, vfast, b, start, std::min(block, n - start), beta1, beta2, eps, decay,
-                          step_size, sqrt_bc2, mbuf.data(), vbuf.data(), tmp.data());
+      adamw_block<MB, VB>(p, g, ml, mfast, vl, vfast, b, start, std::min(block, n - start), a, mbuf.data(),
+                          vbuf.data(), tmp.data());
     }
   });
 }
@@ -129,6 +120,10 @@ void adamw_quantized_step(torch::Tensor p, torch::Tensor g, torch::Tensor m_code
 // The sum of v[0 .. C) in double, and v added into the column partial sums cp. Eight interleaved partial sums
 // (v[j] goes to partial j % 8) combined pairwise, then the tail in order: a fixed order (independent of threads),
 // and no serial chain of dependent additions (one such chain cost half of the step).
+inline double sum_partials8(const double* q, double tail) {
+  return (((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]))) + tail;
+}
+
 inline double row_sum_and_add(const float* __restrict v, double* __restrict cp, int64_t C) {
   double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t j = 0;
@@ -144,7 +139,7 @@ inline double row_sum_and_add(const float* __restrict v, double* __restrict cp, 
     tail += v[j];
     cp[j] += v[j];
   }
-  return (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))) + tail;
+  return sum_partials8(part, tail);
 }
 
 #if defined(EFFOPT_HAVE_AVX512)
@@ -181,7 +176,7 @@ double factored_row512(float* p, const float* g, StateView& m, const FastState& 
   }
   alignas(64) double q[8];
   _mm512_store_pd(q, part);
-  return (((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]))) + 0.0;  // row_sum_and_add's order
+  return sum_partials8(q, 0.0);  // row_sum_and_add's order
 }
 #endif
 
@@ -206,11 +201,10 @@ void adamw_factored_rows(float* p, const float* g, StateView m, float* row, floa
   const int64_t nchunks = (R + chunk - 1) / chunk;
   std::vector<double> colpart(static_cast<size_t>(nchunks * C), 0.0);
   std::vector<float> newrow(R);
-  const float decay = 1.0f - lr * weight_decay;
+  const AdamScalars a(beta1, beta2, eps, 1.0f - lr * weight_decay, step_size, sqrt_bc2);
   const int64_t per_row = C / block;
 #if defined(EFFOPT_HAVE_AVX512)
   const bool fast_rows = decodes512<MB>(m) && block % 16 == 0;
-  const AdamScalars a{beta1, beta2, eps, decay, step_size, 1.0f / sqrt_bc2, 1.0f - beta1, 1.0f - beta2};
 #endif
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> mbuf(C), vbuf(C);
@@ -234,7 +228,7 @@ void adamw_factored_rows(float* p, const float* g, StateView m, float* row, floa
           decode_block<MB>(local, fast, (first_block + k) * block, block, load_scale(local, first_block + k), mbuf.data() + k * block);
         const float ri = rscaled[i];
         for (int64_t j = 0; j < C; ++j) vbuf[j] = ri * col[j];
-        adamw_update(p + i * C, g + i * C, mbuf.data(), vbuf.data(), C, beta1, beta2, eps, decay, step_size, sqrt_bc2);
+        adamw_update(p + i * C, g + i * C, mbuf.data(), vbuf.data(), C, a);
         for (int64_t k = 0; k < per_row; ++k) {
           const int64_t b = first_block + k;
           const float sc = store_scale(local, b, block_absmax(mbuf.data() + k * block, block));
@@ -354,25 +348,6 @@ inline bool has_nonfinite(const uint32_t* __restrict b, int64_t s, int64_t e) {
   return top == 0x7F800000u;
 }
 
-// True if any element of the fp32 tensor is NaN or Inf (checked on the bit pattern).
-bool any_nonfinite_f32(torch::Tensor t) {
-  TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(), "expects a contiguous fp32 tensor");
-  const uint32_t* b = reinterpret_cast<const uint32_t*>(t.data_ptr<float>());
-  const int64_t n = t.numel();
-  const int64_t chunk = 1 << 16;
-  const int64_t nchunks = (n + chunk - 1) / chunk;
-  std::vector<uint8_t> found(static_cast<size_t>(std::max<int64_t>(nchunks, 1)), 0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t s = c * chunk, e = std::min(n, s + chunk);
-      found[c] = static_cast<uint8_t>(has_nonfinite(b, s, e));
-    }
-  });
-  for (auto f : found)
-    if (f) return true;
-  return false;
-}
-
 // Position in `ts` of the first fp32 tensor holding a NaN or Inf, or -1: every tensor's chunks in one
 // parallel region (one call for a whole model instead of one per tensor; the per-call start-up of the threads
 // cost as much as the reading on a model of 144 tensors).
@@ -396,6 +371,9 @@ int64_t first_nonfinite_f32(std::vector<torch::Tensor> ts) {
     if (found[c]) return parts[c].first;
   return -1;
 }
+
+// True if any element of the fp32 tensor is NaN or Inf (checked on the bit pattern).
+bool any_nonfinite_f32(torch::Tensor t) { return first_nonfinite_f32({t}) >= 0; }
 
 // How the kernel finds the levels of a map (0: tables; 1: the sqrt_nozero formula; 2: the signed sqrt formula).
 int64_t map_form(torch::Tensor levels, bool is_signed) {

@@ -22,8 +22,7 @@ inline __m256 level256(const MapView& m, __m256 k) {
     return _mm256_mul_ps(t, t);
   }
   const __m256 jf = _mm256_sub_ps(k, _mm256_set1_ps(static_cast<float>(m.half)));
-  const __m256 l = _mm256_mul_ps(_mm256_mul_ps(jf, abs256(jf)), _mm256_set1_ps(m.coef));
-  return _mm256_min_ps(_mm256_max_ps(l, _mm256_set1_ps(-1.0f)), _mm256_set1_ps(1.0f));
+  return _mm256_mul_ps(_mm256_mul_ps(jf, abs256(jf)), _mm256_set1_ps(m.coef));  // |level| <= 1: no clamp
 }
 
 inline __m256 root_magnitude256(__m256 a, float scale_r) {
@@ -49,8 +48,7 @@ inline __m256 nearest_closed256(const MapView& m, __m256 u) {
   }
   const __m256 h = _mm256_set1_ps(static_cast<float>(m.half)), c = _mm256_set1_ps(m.coef);
   const __m256 j = _mm256_min_ps(r, h), jm = _mm256_sub_ps(j, one);
-  const __m256 lj = _mm256_min_ps(_mm256_mul_ps(_mm256_mul_ps(j, j), c), one);
-  const __m256 ljm = _mm256_min_ps(_mm256_mul_ps(_mm256_mul_ps(jm, jm), c), one);
+  const __m256 lj = _mm256_mul_ps(_mm256_mul_ps(j, j), c), ljm = _mm256_mul_ps(_mm256_mul_ps(jm, jm), c);
   const __m256 mid = _mm256_mul_ps(_mm256_add_ps(ljm, lj), half);
   const __m256 neg = _mm256_cmp_ps(u, zero, _CMP_LT_OQ);
   const __m256 below = _mm256_or_ps(_mm256_cmp_ps(a, mid, _CMP_LT_OQ),

@@ -73,7 +73,7 @@ inline __m512 level512(const MapView& m, __m512i k) {
 //   - nearest: each value-domain midpoint lies above the r-domain midpoint (j + 1/2) by at most 0.21 in r
 //     (its square root is the quadratic mean of two neighbouring r), so rounding the magnitude of r_up to
 //     the nearest integer gives the exact nearest index or one more (one comparison with a midpoint).
-// Magnitude of r, pushed up (by `up`) or down (by `down`) by 2^-12 relative.
+// The magnitude of r for |u| = a, times scale_r (h or n, with the push up or down folded in).
 inline __m512 root_magnitude512(__m512 a, float scale_r) {
   const __m512 safe = _mm512_max_ps(a, _mm512_set1_ps(1e-30f));  // no rsqrt of 0 or a denormal
   return _mm512_mul_ps(_mm512_mul_ps(safe, _mm512_rsqrt14_ps(safe)), _mm512_set1_ps(scale_r));
@@ -112,6 +112,14 @@ inline __m512i nearest_closed512(const MapView& m, __m512 u, const Consts512& k)
   return _mm512_mask_sub_epi32(_mm512_add_epi32(h, jj), neg, h, jj);
 }
 
+// Stochastic rounding between neighbouring codes lo and hi (levels l_lo, l_hi): hi with probability
+// (u - l_lo) / (l_hi - l_lo), from the element's draw (the scalar path's comparison).
+inline __m512i round_up512(__m512 u, __m512 l_lo, __m512 l_hi, __m512i lo, __m512i hi, __m512i hash_in) {
+  const __mmask16 go_up = _mm512_cmp_ps_mask(_mm512_mul_ps(draws512(hash_in), _mm512_sub_ps(l_hi, l_lo)),
+                                             _mm512_sub_ps(u, l_lo), _CMP_LT_OQ);
+  return _mm512_mask_blend_epi32(go_up, lo, hi);
+}
+
 // Stochastic codes of 16 values of a closed-form map: floor index, then up with probability (u - lo) / (hi - lo).
 template <int FORM>
 inline __m512i stochastic_closed512(const MapView& m, __m512 u, __m512i hash_in, const Consts512& k) {
@@ -131,9 +139,7 @@ inline __m512i stochastic_closed512(const MapView& m, __m512 u, __m512i hash_in,
   const __m512i hi = _mm512_min_epi32(_mm512_add_epi32(lo, k.one), last);
   const __m512 l_lo = _mm512_mask_blend_ps(down, l_c, l_below);
   const __m512 l_hi = _mm512_mask_blend_ps(down, _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(hi, c), l_above, l_c), l_c);
-  const __m512 draw = draws512(hash_in);
-  const __mmask16 go_up = _mm512_cmp_ps_mask(_mm512_mul_ps(draw, _mm512_sub_ps(l_hi, l_lo)), _mm512_sub_ps(u, l_lo), _CMP_LT_OQ);
-  return _mm512_mask_blend_epi32(go_up, lo, hi);
+  return round_up512(u, l_lo, l_hi, lo, hi, hash_in);
 }
 
 template <int FORM, bool STOCHASTIC>
@@ -179,10 +185,7 @@ inline __m512i encode_small512(const MapView& m, const Small512& t, __m512 u, __
   const __m512i last = _mm512_set1_epi32(m.num_levels - 1);
   const __m512i lo = _mm512_max_epi32(_mm512_sub_epi32(cnt, k.one), k.zero);
   const __m512i hi = _mm512_min_epi32(_mm512_add_epi32(lo, k.one), last);
-  const __m512 l_lo = _mm512_permutexvar_ps(lo, t.levels), l_hi = _mm512_permutexvar_ps(hi, t.levels);
-  const __m512 r = draws512(hash_in);
-  const __mmask16 go_up = _mm512_cmp_ps_mask(_mm512_mul_ps(r, _mm512_sub_ps(l_hi, l_lo)), _mm512_sub_ps(u, l_lo), _CMP_LT_OQ);
-  return _mm512_mask_blend_epi32(go_up, lo, hi);
+  return round_up512(u, _mm512_permutexvar_ps(lo, t.levels), _mm512_permutexvar_ps(hi, t.levels), lo, hi, hash_in);
 }
 
 // Nearest codes of 16 values of an 8-bit table map (dynamic, ...): the midpoint bucket table's count, then one
@@ -271,36 +274,6 @@ int64_t encode_block512(StateView& s, const State512& st, const float* __restric
   return 0;
 }
 
-// Decode 16 values at a time of the block starting at element `start`; returns how many it decoded.
-template <int BITS>
-int64_t decode_block512(const StateView& s, const State512& st, int64_t start, int64_t len, float scale,
-                        float* __restrict out) {
-  const MapView& m = s.map;
-  const __m512 vscale = _mm512_set1_ps(scale);
-  int64_t i = 0;
-  if (BITS == 4) {
-    const __m512 table = st.table.levels;
-    const uint8_t* codes = s.codes + (start >> 1);
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    for (; i + 16 <= len; i += 16) {
-      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (i >> 1)));
-      const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(b, low4), _mm_and_si128(_mm_srli_epi16(b, 4), low4));
-      const __m512 l = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib), table);
-      _mm512_storeu_ps(out + i, _mm512_mul_ps(l, vscale));
-    }
-    return i;
-  }
-  if (m.form == kTable) return 0;  // a 256-entry table: scalar loads beat a gather on this core
-  const uint8_t* codes = s.codes + start;
-  for (; i + 16 <= len; i += 16) {
-    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
-    const __m512 l = m.form == kSqrtUnsigned ? level512<kSqrtUnsigned>(m, idx) : level512<kSquareSigned>(m, idx);
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(l, vscale));
-  }
-  return i;
-}
-
-
 // ------------------------------------------------------------------ the AdamW block: decode, update, maxima
 // Decoders of 16 values at block offset i (codes of the block, levels times the block scale).
 struct Decode4x16 {
@@ -338,9 +311,18 @@ inline void with_decoder512(const StateView& s, const State512& st, int64_t star
   else f(DecodeClosed8x16<kSquareSigned>{s.codes + start, &s.map, vs});
 }
 
-struct AdamScalars {
-  float beta1, beta2, eps, decay, step_size, inv_sqrt_bc2, one_minus_b1, one_minus_b2;
-};
+// Decode 16 values at a time of the block starting at element `start`; returns how many it decoded (0 for an
+// 8-bit table map: for a 256-entry table, scalar loads beat a gather on this core).
+template <int BITS>
+int64_t decode_block512(const StateView& s, const State512& st, int64_t start, int64_t len, float scale,
+                        float* __restrict out) {
+  if (!decodes512<BITS>(s)) return 0;
+  const int64_t whole = len & ~int64_t{15};
+  with_decoder512<BITS>(s, st, start, scale, [&](auto decode) {
+    for (int64_t i = 0; i < whole; i += 16) _mm512_storeu_ps(out + i, decode(i));
+  });
+  return whole;
+}
 
 // AdamW on 16 values with adamw_update's operations in its order: the new m and v, and p updated in place.
 struct Adam512 {
@@ -391,7 +373,6 @@ int64_t adamw_block512(float* __restrict p, const float* __restrict g, const Sta
   });
   return whole;
 }
-
 
 // adamw_update() on arrays, 16 at a time (same operations); returns how many elements it did.
 inline int64_t adamw_update512(float* __restrict p, const float* __restrict g, float* __restrict m,

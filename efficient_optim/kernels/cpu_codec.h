@@ -54,6 +54,22 @@ inline __m256i fmix32_avx2(__m256i h) {
   return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
 }
 
+// Uniform draws in [0, 1) of elements first_elem .. first_elem + 7 (encode_values' counter hash and scaling).
+inline __m256 draws_avx2(uint32_t first_elem, uint32_t salt) {
+  const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first_elem)),
+                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i h = fmix32_avx2(_mm256_add_epi32(_mm256_mullo_epi32(idx, _mm256_set1_epi32(static_cast<int32_t>(kGolden))),
+                                                 _mm256_set1_epi32(static_cast<int32_t>(salt))));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(1.0f / 16777216.0f));
+}
+
+// Stochastic rounding between neighbouring codes lo and hi (levels lev_lo, lev_hi): hi with probability
+// (u - lev_lo) / (lev_hi - lev_lo), from the draws (encode_values' comparison).
+inline __m256i round_up_avx2(__m256 u, __m256 lev_lo, __m256 lev_hi, __m256i lo, __m256i hi, __m256 draw) {
+  const __m256 up = _mm256_cmp_ps(_mm256_mul_ps(draw, _mm256_sub_ps(lev_hi, lev_lo)), _mm256_sub_ps(u, lev_lo), _CMP_LT_OQ);
+  return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), up));
+}
+
 struct KeyConsts {
   __m256i signmask, per_sign, ebias, erange, zero, byte, mant;
   __m128i mshift, eshift;
@@ -105,9 +121,6 @@ int64_t encode_small_avx2(const MapView& m, const float* __restrict x, int32_t* 
   const __m256 vinv = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
   const __m256 vfirst = _mm256_set1_ps(m.lo), vtop = _mm256_set1_ps(m.hi), vzero = _mm256_setzero_ps();
   const __m256i vlast = _mm256_set1_epi32(n - 1), vone = _mm256_set1_epi32(1);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i vgolden = _mm256_set1_epi32(static_cast<int32_t>(kGolden)), vsalt = _mm256_set1_epi32(static_cast<int32_t>(salt));
-  const __m256 vr = _mm256_set1_ps(1.0f / 16777216.0f);
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
     __m256 u = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
@@ -125,13 +138,8 @@ int64_t encode_small_avx2(const MapView& m, const float* __restrict x, int32_t* 
       // padded levels repeat the last one: clamp the count to the real levels before taking the floor
       const __m256i lo = _mm256_sub_epi32(_mm256_min_epi32(cnt, _mm256_set1_epi32(n)), vone);
       const __m256i hi = _mm256_min_epi32(_mm256_add_epi32(lo, vone), vlast);
-      const __m256 l0 = lookup16(lev_lo8, lev_hi8, lo), l1 = lookup16(lev_lo8, lev_hi8, hi);
-      const __m256 below = _mm256_sub_ps(u, l0), gap = _mm256_sub_ps(l1, l0);
-      const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first_elem + static_cast<uint32_t>(i))), lane);
-      const __m256i h = fmix32_avx2(_mm256_add_epi32(_mm256_mullo_epi32(idx, vgolden), vsalt));
-      const __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), vr);
-      const __m256 up = _mm256_cmp_ps(_mm256_mul_ps(r, gap), below, _CMP_LT_OQ);
-      code = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), up));
+      code = round_up_avx2(u, lookup16(lev_lo8, lev_hi8, lo), lookup16(lev_lo8, lev_hi8, hi), lo, hi,
+                           draws_avx2(first_elem + static_cast<uint32_t>(i), salt));
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), code);
   }
@@ -147,9 +155,6 @@ int64_t encode_values_avx2(const MapView& m, const float* __restrict x, int32_t*
   const __m256i vlast = _mm256_set1_epi32(m.num_levels - 1), vone = _mm256_set1_epi32(1);
   const KeyConsts kfloor(m.mant_bits, m.exp_range, m.is_signed);
   const KeyConsts kmid(m.mid_mant_bits, m.mid_exp_range, m.is_signed);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i vgolden = _mm256_set1_epi32(static_cast<int32_t>(kGolden)), vsalt = _mm256_set1_epi32(static_cast<int32_t>(salt));
-  const __m256 vr = _mm256_set1_ps(1.0f / 16777216.0f);
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
     __m256 u = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
@@ -169,22 +174,14 @@ int64_t encode_values_avx2(const MapView& m, const float* __restrict x, int32_t*
       lo = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(nxt),
                                                 _mm256_cmp_ps(lev_nxt, u, _CMP_LE_OQ)));
       const __m256i hi = _mm256_min_epi32(_mm256_add_epi32(lo, vone), vlast);
-      const __m256 lev_lo = _mm256_i32gather_ps(m.levels, lo, 4);
-      const __m256 lev_hi = _mm256_i32gather_ps(m.levels, hi, 4);
-      const __m256 below = _mm256_sub_ps(u, lev_lo);
-      const __m256 gap = _mm256_sub_ps(lev_hi, lev_lo);
-      const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first_elem + static_cast<uint32_t>(i))), lane);
-      const __m256i h = fmix32_avx2(_mm256_add_epi32(_mm256_mullo_epi32(idx, vgolden), vsalt));
-      const __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), vr);
-      const __m256 up = _mm256_cmp_ps(_mm256_mul_ps(r, gap), below, _CMP_LT_OQ);
-      code = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), up));
+      code = round_up_avx2(u, _mm256_i32gather_ps(m.levels, lo, 4), _mm256_i32gather_ps(m.levels, hi, 4), lo, hi,
+                           draws_avx2(first_elem + static_cast<uint32_t>(i), salt));
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), code);
   }
   return i;
 }
 #endif
-
 
 #if defined(EFFOPT_HAVE_AVX512)
 using FastState = State512;
@@ -234,13 +231,7 @@ void encode_block(StateView& s, const FastState& fast, const float* __restrict b
 #if defined(__AVX2__)
   if (direct == 0) {
     const uint32_t salt = s.salt;
-    auto draws = [salt](uint32_t first_elem) {  // the counter hash of 8 elements, as encode_values_avx2 draws
-      const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first_elem)),
-                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      const __m256i h = fmix32_avx2(_mm256_add_epi32(_mm256_mullo_epi32(idx, _mm256_set1_epi32(static_cast<int32_t>(kGolden))),
-                                                     _mm256_set1_epi32(static_cast<int32_t>(salt))));
-      return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(1.0f / 16777216.0f));
-    };
+    auto draws = [salt](uint32_t first_elem) { return draws_avx2(first_elem, salt); };
     if (s.map.form == kSqrtUnsigned) {
       done = s.stochastic ? encode_closed_avx2<kSqrtUnsigned, true>(s.map, buf, tmp, len, scale, first, draws)
                           : encode_closed_avx2<kSqrtUnsigned, false>(s.map, buf, tmp, len, scale, first, draws);

@@ -87,6 +87,14 @@ inline float store_scale(StateView& s, int64_t b, float absmax) {
   return absmax;
 }
 
+// The AdamW step's scalars in fp32, computed once per call (every path takes them from here).
+struct AdamScalars {
+  float beta1, beta2, eps, decay, step_size, inv_sqrt_bc2, one_minus_b1, one_minus_b2;
+  AdamScalars(float beta1_, float beta2_, float eps_, float decay_, float step_size_, float sqrt_bc2)
+      : beta1(beta1_), beta2(beta2_), eps(eps_), decay(decay_), step_size(step_size_), inv_sqrt_bc2(1.0f / sqrt_bc2),
+        one_minus_b1(1.0f - beta1_), one_minus_b2(1.0f - beta2_) {}
+};
+
 inline uint32_t bucket_key(float u, int mbits, int erange, uint32_t sign_mask) {
   uint32_t bits;
   std::memcpy(&bits, &u, 4);
