@@ -21,11 +21,8 @@ from functools import cache
 
 import torch
 
-from ..kernels.cpu import load_cpu_kernels
 from ..quant import (
     QuantMap,
-    dequantize_blockwise,
-    get_map,
     num_blocks,
     packed_numel,
     quantize_blockwise,
@@ -33,6 +30,7 @@ from ..quant import (
     unpack_codes,
 )
 from ..quant.rounding import ROUNDING_MODES
+from ..state.quantized import Quantized
 from .base import Compressor, Layout
 
 QUANTIZE_BITS = (32, 16, 8, 4, 2)
@@ -105,8 +103,12 @@ class Quantize(Compressor):
         self.bits, self.block_size, self.rounding, self.scale_dtype = bits, block_size, rounding, scale_dtype
         self.map = map if map is not None else DEFAULT_MAPS.get(bits)
         self.qmap = None
-        if bits <= 8:
-            self.qmap = map_2bit(self.map) if bits == 2 else get_map(self.map, bits, True)
+        self._codec = None  # 8/4 bits: the optimizer states' codec (compiled quantizer on CPU, else the reference)
+        if bits == 2:
+            self.qmap = map_2bit(self.map)
+        elif bits <= 8:
+            self._codec = Quantized(bits, block_size, self.map, True, rounding, scale_dtype)
+            self.qmap = self._codec.qmap
 
     def __repr__(self) -> str:
         extra = "" if self.bits >= 16 else f", block_size={self.block_size}, map={self.map!r}"
@@ -129,43 +131,21 @@ class Quantize(Compressor):
             return {"values": flat.clone()}
         if self.bits == 16:
             return {"values": round_to_bf16(flat, self.rounding, salt)}
-        kernels = self._kernels(flat)
-        if kernels is not None:  # the compiled quantizer: the same codes and scales (tested), faster
-            if kernels.any_nonfinite_f32(flat):
-                raise FloatingPointError("input contains NaN or Inf values; refusing to quantize it")
-            layout = self.layout(flat.numel())
-            codes = torch.empty(layout["codes"][0], dtype=torch.uint8)
-            scales = torch.empty(layout["scales"][0], dtype=layout["scales"][1])
-            q = self.qmap
-            kernels.quantize_into(flat, codes, scales, [q.levels, q.lut, q.midpoints, q.mid_lut],
-                                  [q.lut_mantissa_bits, q.lut_exp_range, q.mid_mantissa_bits, q.mid_exp_range], True,
-                                  self.bits, self.rounding == "stochastic", salt, self.block_size)  # fmt: skip
-            return {"codes": codes, "scales": scales}
+        if self._codec is not None:
+            state: dict = {}
+            self._codec.init(state, "x", flat)
+            self._codec.encode(state, "x", flat, salt=salt)
+            return {"codes": state["x.codes"], "scales": state["x.scales"]}
         codes, scales = quantize_blockwise(flat, self.qmap, self.block_size, self.rounding, salt,
                                            SCALE_DTYPES[self.scale_dtype])  # fmt: skip
-        if self.bits == 2:  # quant packs sub-byte codes as nibbles: repack four per byte
-            codes = pack_2bit(unpack_codes(codes, 4, flat.numel()))
-        return {"codes": codes, "scales": scales}
-
-    def _kernels(self, *ts: torch.Tensor):
-        """The compiled module for 8/4-bit codes of plain contiguous CPU tensors (fp32 input), else None."""
-        if self.bits not in (4, 8) or not all(type(t) is torch.Tensor and t.device.type == "cpu"
-                                              and t.is_contiguous() for t in ts):  # fmt: skip
-            return None
-        if ts[0].is_floating_point() and ts[0].dtype != torch.float32:
-            return None
-        return load_cpu_kernels()
+        # 2 bits: quant packs sub-byte codes as nibbles; repack four per byte
+        return {"codes": pack_2bit(unpack_codes(codes, 4, flat.numel())), "scales": scales}
 
     def _decompress(self, tensors: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
         if self.bits >= 16:
             return tensors["values"].to(torch.float32)
         codes, scales = tensors["codes"], tensors["scales"]
-        kernels = self._kernels(codes, scales)
-        if kernels is not None:
-            out = torch.empty(numel, dtype=torch.float32)
-            kernels.dequantize_into(codes, scales, self.qmap.levels, self.bits, self.block_size, out)
-            return out
-        if self.bits == 2:
-            levels = self.qmap.levels.to(codes.device)[unpack_2bit(codes, numel)]
-            return levels * scales.to(torch.float32).repeat_interleave(self.block_size)[:numel]
-        return dequantize_blockwise(codes, scales, self.qmap, self.block_size, numel)
+        if self._codec is not None:  # decode only reads the shape of its parameter argument
+            return self._codec.decode({"x.codes": codes, "x.scales": scales}, "x", torch.empty(numel, device="meta"))
+        levels = self.qmap.levels.to(codes.device)[unpack_2bit(codes, numel)]
+        return levels * scales.to(torch.float32).repeat_interleave(self.block_size)[:numel]
