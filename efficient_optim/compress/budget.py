@@ -115,7 +115,8 @@ def grad_bytes(controller, key: int, spec: str | None = None) -> int:
     return spec_nbytes(spec, n) + feedback_bytes(g, n)
 
 
-def _group_of(optimizer, param):
+def group_of(optimizer, param) -> dict:
+    """The param group holding ``param`` (``KeyError`` if the optimizer does not handle it)."""
     for group in optimizer.param_groups:
         if any(q is param for q in group["params"]):
             return group
@@ -130,7 +131,7 @@ def momentum_bytes(controller, key: int, spec: str | None = None) -> int:
     if opt is None:
         return 0
     p = controller.params[key]
-    group = _group_of(opt, p)
+    group = group_of(opt, p)
     if spec is None:
         spec = controller.current.get(key, LayerChoice()).momentum
     if spec is None:

@@ -122,8 +122,8 @@ class FeatureTracker:
         self.cos_mg = {}
 
     def sensitivity(self) -> dict[int, float]:
-        """Each layer's share of the squared gradient norm (windowed means; layers not observed get the mean
-        share of the others, all layers 1/n before any observation)."""
+        """Each layer's share of the squared gradient norm (windowed means; a layer not observed yet gets 1/n,
+        and every layer 1/n before any observation)."""
         n = len(self.params)
         sq = {k: (sum(v) / len(v)) ** 2 for k, v in self.norms.items() if v}
         total = sum(sq.values())

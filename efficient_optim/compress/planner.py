@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from ..policy.allocators import Item, knapsack_allocation
-from .budget import TrainingBudget, fixed_bytes, grad_bytes, grad_controlled, momentum_bytes
+from .budget import TrainingBudget, fixed_bytes, grad_bytes, grad_controlled, group_of, momentum_bytes
 from .choice import LayerChoice
 from .controller import Controller
 from .features import decoded_momentum
@@ -116,7 +116,7 @@ class PlannerController(Controller):
             m = decoded_momentum(self.optimizer, p, name)
             m = grad.detach().float() if m is None else m
             record["momentum_sq"] = float(m.square().sum())
-            group = next(gr for gr in self.optimizer.param_groups if any(q is p for q in gr["params"]))
+            group = group_of(self.optimizer, p)
             if name in self.optimizer.default_specs(p, group):
                 sample = self._sample(m)
                 for spec in MOMENTUM_SPECS:
