@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dist_worker import make_model  # noqa: E402  (the distributed tests' model: a 23.7k-parameter MLP)
+from dist_worker import batches, make_model  # noqa: E402  (the distributed tests' MLP (23.7k parameters) and data)
 
 from efficient_optim.compress import (  # noqa: E402
     DGC,
@@ -34,18 +34,8 @@ from efficient_optim.compress import (  # noqa: E402
     register_compression_hook,
 )
 
-STEPS, BATCH, LR = 6, 32, 0.05
+STEPS, LR = 6, 0.05  # six batches of dist_worker.batches()
 BUCKET_MB = 0.02  # ~5k fp32 elements per bucket: the 23.7k-parameter model gets several
-
-
-def batches(n: int = STEPS):
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(64, 8, generator=g)
-    out = []
-    for _ in range(n):
-        x = torch.randn(BATCH, 64, generator=g)
-        out.append((x, torch.tanh(x @ w)))
-    return out
 
 
 def ddp(model):
